@@ -1,0 +1,46 @@
+# Two commands on a fresh machine: `make train` and `make test`. Everything else is set up on the way.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CONFIG ?= configs/shakespeare.yaml
+ARGS ?=
+MODEL ?= outputs/$(basename $(notdir $(CONFIG)))
+PROMPT ?= ROMEO:
+# CPU machines get the CPU build of torch (pinned, small); machines with an NVIDIA driver get the default CUDA build.
+# Override with e.g. `make TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"`.
+TORCH_SPEC ?= $(shell if command -v nvidia-smi >/dev/null 2>&1; then echo "torch>=2.4"; else echo "torch==2.13.0"; fi)
+STAMP := $(VENV)/.installed
+
+.PHONY: setup train test data sample bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+train: $(STAMP)
+	$(VENV)/bin/accelerate launch -q --num_processes 1 recipe/train.py --config $(CONFIG) --output_dir $(MODEL) $(ARGS)
+
+data: $(STAMP)
+	$(PY) -m recipe.data --config $(CONFIG) $(ARGS)
+
+sample: $(STAMP)
+	$(PY) -m recipe.generate --model $(MODEL) --prompt "$(PROMPT)" $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest $(ARGS)
+
+bench: $(STAMP)
+	$(PY) -m recipe.bench $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check recipe tests
+	$(VENV)/bin/ruff format --check recipe tests
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache build *.egg-info

@@ -1,0 +1,1 @@
+"""gpt-recipe: pretrain a GPT from scratch, the Hugging Face way."""

@@ -1,0 +1,240 @@
+"""The run configuration: one typed structure, read from YAML, every key overridable as `--key value`.
+
+Names follow `transformers.TrainingArguments` where one exists. Values are coerced by the field's type
+(PyYAML reads `3e-4` as a string), and unknown keys or values of the wrong type raise `ConfigError`
+naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration: the message names the key and what was expected."""
+
+
+@dataclass
+class RunConfig:
+    # --- model (a fresh GPT unless model_name_or_path is given) ---
+    model_name_or_path: str | None = None
+    vocab_size: int = 4096  # size of the trained BPE; ignored with tokenizer_name (the tokenizer decides)
+    hidden_size: int = 256
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    intermediate_size: int | None = None  # None: 4 x hidden_size
+    max_position_embeddings: int | None = None  # None: block_size
+    dropout: float = 0.0
+    bias: bool = True
+    attn_implementation: str = "sdpa"
+    torch_compile: bool = False
+    gradient_checkpointing: bool = False
+
+    # --- data ---
+    dataset_name: str | None = None  # a Hub dataset; None with no train_files: the default corpus
+    dataset_config_name: str | None = None
+    train_files: list[str] | None = None
+    validation_files: list[str] | None = None
+    text_column: str = "text"
+    streaming: bool = False
+    validation_split_percentage: float = 5.0
+    tokenizer_name: str | None = None  # a Hub id or local folder; None: train a byte-level BPE
+    block_size: int = 128
+    preprocessing_num_workers: int | None = None
+    cache_dir: str = "~/.cache/gpt-recipe"
+
+    # --- training (TrainingArguments names) ---
+    output_dir: str = "outputs/run"
+    overwrite_output_dir: bool = False
+    seed: int = 42
+    max_steps: int = 100
+    per_device_train_batch_size: int = 16
+    per_device_eval_batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-3
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"
+    dataloader_num_workers: int = 0
+
+    # --- seeing it learn ---
+    logging_steps: int = 10
+    eval_steps: int = 50
+    max_eval_batches: int | None = None  # None: the whole validation split
+    report_to: str = "tensorboard"  # tensorboard, trackio, wandb, all or none
+    run_name: str | None = None
+
+    # --- checkpoints and output ---
+    save_steps: int = 50
+    save_total_limit: int | None = 2
+    resume_from_checkpoint: str | None = None  # a checkpoint folder or "latest"
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+    hub_private_repo: bool = False
+    sample_prompt: str = "\n"
+    sample_max_new_tokens: int = 200
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        positive = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "block_size",
+                    "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
+                    "gradient_accumulation_steps", "logging_steps", "eval_steps", "save_steps"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ["warmup_steps", "weight_decay", "max_grad_norm", "adam_epsilon", "dropout"]:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        for name in ["adam_beta1", "adam_beta2"]:
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if not 0 < self.validation_split_percentage < 100:
+            raise ConfigError(f"validation_split_percentage must be in (0, 100), got {self.validation_split_percentage!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads ({self.num_attention_heads})")
+        choices = {"mixed_precision": ("no", "bf16", "fp16"),
+                   "report_to": ("tensorboard", "trackio", "wandb", "all", "none"),
+                   "attn_implementation": ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if self.max_position_embeddings is not None and self.block_size > self.max_position_embeddings:
+            raise ConfigError(f"block_size ({self.block_size}) is larger than max_position_embeddings "
+                              f"({self.max_position_embeddings}): the model cannot see that many positions")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ConfigError("push_to_hub is true but hub_model_id is not set: name the repo, e.g. --hub_model_id you/gpt")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+_FIELD_TYPES = typing.get_type_hints(RunConfig)
+
+
+def _coerce(name: str, value: Any, annotation: Any) -> Any:
+    """Turn a YAML or command-line value into the field's type, or raise ConfigError naming the key."""
+    args = typing.get_args(annotation)
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(name, value, inner[0])
+    if origin is list:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v] if "," in value else [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{name} expects a list (or a comma-separated string), got {value!r}")
+        return [_coerce(name, v, args[0]) for v in value]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise ConfigError(f"{name} expects true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name} expects an integer, got {value!r}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name} expects an integer, got {value!r}") from None
+        if not number.is_integer():
+            raise ConfigError(f"{name} expects an integer, got {value!r}")
+        return int(number)
+    if annotation is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name} expects a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name} expects a number, got {value!r}") from None
+    if annotation is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{name} expects a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported field type {annotation!r} for {name}")  # a bug in RunConfig, not user input
+
+
+def build_config(values: dict[str, Any]) -> RunConfig:
+    unknown = sorted(set(values) - set(_FIELD_TYPES))
+    if unknown:
+        import difflib
+
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, _FIELD_TYPES, n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ConfigError(f"unknown configuration key(s): {', '.join(hints)}")
+    return RunConfig(**{k: _coerce(k, v, _FIELD_TYPES[k]) for k, v in values.items()})
+
+
+def parse_overrides(argv: list[str]) -> dict[str, Any]:
+    """`--key value` and `--key=value` pairs; a bare `--flag` followed by another flag means true."""
+    values: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"expected --key value, got {arg!r}")
+        key = arg[2:].replace("-", "_")
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            value = argv[i + 1]
+            i += 2
+        else:
+            value = "true"
+            i += 1
+        values[key] = value
+    return values
+
+
+def load_config(argv: list[str] | None = None, config_file: str | None = None) -> RunConfig:
+    """Read `--config FILE` (YAML) and apply the remaining `--key value` overrides on top of it."""
+    overrides = parse_overrides(list(argv or []))
+    config_file = overrides.pop("config", config_file)
+    values: dict[str, Any] = {}
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"--config: no such file {config_file!r}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--config: {config_file} is not valid YAML: {err}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"--config: {config_file} must hold a mapping of key: value, got {type(loaded).__name__}")
+        values.update(loaded)
+    values.update(overrides)
+    return build_config(values)
+
+
+def config_summary(cfg: RunConfig) -> str:
+    return json.dumps(cfg.to_dict(), indent=2)
