@@ -11,7 +11,7 @@ import dataclasses
 import json
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +73,7 @@ class RunConfig:
     # --- seeing it learn ---
     logging_steps: int = 10
     eval_steps: int = 50
-    max_eval_batches: int | None = None  # None: the whole validation split
+    max_eval_batches: int | None = None  # across all processes; None: the whole validation split
     report_to: str = "tensorboard"  # tensorboard, trackio, wandb, all or none
     run_name: str | None = None
 

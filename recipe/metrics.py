@@ -1,0 +1,101 @@
+"""Numbers a user reads: loss, perplexity, bits per byte, throughput and model FLOPs utilisation (MFU)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def perplexity(loss: float) -> float:
+    """exp(mean token NLL in nats); capped so a diverged run prints inf rather than raising."""
+    return math.exp(loss) if loss < 700 else float("inf")
+
+
+def bits_per_byte(loss: float, bytes_per_token: float) -> float:
+    """Token NLL (nats) -> bits per UTF-8 byte: comparable across tokenizers and vocabulary sizes."""
+    return loss / math.log(2) / bytes_per_token
+
+
+def flops_per_token(config: Any, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the weight matmuls (forward + backward) plus attention scores.
+
+    N counts every weight that takes part in a matmul (the tied token embedding once, as the LM head);
+    position embeddings are a lookup and do not count. Attention: 12 * layers * hidden * seq_len (PaLM, App. B).
+    """
+    hidden, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    inner = config.intermediate_size or 4 * hidden
+    per_layer = 4 * hidden * hidden + 2 * hidden * inner  # qkv + out projection, MLP up + down
+    n_matmul = layers * per_layer + vocab * hidden
+    return 6 * n_matmul + 12 * layers * hidden * seq_len
+
+
+# Dense peak tensor-core FLOP/s by GPU name (bf16/fp16; TF32 is half), from the vendors' data sheets.
+_GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
+                  "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+def gpu_peak_flops(device: torch.device, mixed_precision: str) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peak in _GPU_PEAK_BF16.items():
+        if key in name:
+            return peak if mixed_precision in ("bf16", "fp16") else peak / 2  # fp32 matmuls run as TF32
+    return None
+
+
+def measure_matmul_peak(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                        size: int = 1024, seconds: float = 0.5) -> float:
+    """Achievable matmul FLOP/s on this device: the denominator for MFU where no data sheet applies (CPUs)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        n += 1
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * size**3 * n / (time.perf_counter() - start)
+
+
+class JsonlLog:
+    """Append-only `metrics.jsonl`: one row per log or eval, readable while the run goes on."""
+
+    def __init__(self, path: str | Path, enabled: bool = True, keep_until_step: int | None = None):
+        self.path, self.enabled = Path(path), enabled
+        self.rows: list[dict[str, Any]] = []
+        if self.path.exists():
+            # On resume keep the history up to the checkpoint, drop rows from steps that are being redone.
+            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            self.rows = [r for r in rows if keep_until_step is not None and r.get("step", 0) <= keep_until_step]
+            if enabled:
+                self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def results_table(results: dict[str, float], vocab_size: int) -> str:
+    """The summary a user reads at the end of a run, against the random-guess baseline ln(V)."""
+    baseline = math.log(vocab_size)
+    rows = [("", "model", f"random (ln {vocab_size})")]
+    rows.append(("validation loss (nats/token)", f"{results['eval_loss']:.4f}", f"{baseline:.4f}"))
+    rows.append(("perplexity", f"{results['perplexity']:.2f}", f"{vocab_size}"))
+    if results.get("eval_bits_per_byte") is not None:
+        rows.append(("bits per byte", f"{results['eval_bits_per_byte']:.4f}",
+                     f"{bits_per_byte(baseline, results['eval_bytes_per_token']):.4f}"))
+    rows.append(("train loss (last steps)", f"{results['train_loss']:.4f}", ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)

@@ -1,0 +1,313 @@
+"""The recipe GPT: a GPT-2 family decoder written as a transformers 5 model.
+
+Module names are GPT-2's (`transformer.wte/wpe/h/ln_f`, `ln_1/attn/ln_2/mlp`, `c_attn/c_proj/c_fc`), so the
+export to a stock `GPT2LMHeadModel` is a transpose, not a rename (GPT-2's `Conv1D` stores `nn.Linear`'s weight
+transposed). This file and `configuration_gpt.py` are copied into every checkpoint, so imports between them
+are relative and nothing else from `recipe` is imported.
+"""
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import can_return_tuple
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .configuration_gpt import GPTConfig
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Plain attention, used for `attn_implementation="eager"`. q: (B, nh, T, hs), k/v: (B, nh, S, hs)."""
+    attn_weights = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (B, nh, T, S)
+    if attention_mask is not None:  # additive float mask from create_causal_mask: 0 or -inf-ish
+        attn_weights = attn_weights + attention_mask
+    # Softmax in fp32 so bf16 weights do not lose the small probabilities.
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(value.dtype)
+    if dropout > 0.0:
+        attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()  # (B, T, nh, hs)
+    return attn_output, attn_weights
+
+
+class GPTAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = True  # read by the sdpa / flash / flex attention functions
+        self.attn_pdrop = config.attn_pdrop
+        self.c_attn = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.bias)
+        self.c_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.bias)
+        self.c_proj.is_residual_projection = True
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T, C = hidden_states.shape
+        # One matmul for q, k, v; the split is a view: (B, T, 3C) -> 3 x (B, nh, T, hs).
+        qkv = self.c_attn(hidden_states).view(B, T, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)  # (B, nh, S, hs), S = past + T
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.attn_pdrop if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = self.c_proj(attn_output.reshape(B, T, C))  # (B, T, nh, hs) -> (B, T, C)
+        if self.training and self.resid_dropout.p > 0:
+            attn_output = self.resid_dropout(attn_output)
+        return attn_output, attn_weights
+
+
+class GPTMLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.bias)
+        self.act = ACT2FN[config.hidden_act]
+        self.c_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.bias)
+        self.c_proj.is_residual_projection = True
+        self.dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # (B, T, C) -> (B, T, intermediate) -> (B, T, C)
+        hidden_states = self.c_proj(self.act(self.c_fc(hidden_states)))
+        if self.training and self.dropout.p > 0:
+            hidden_states = self.dropout(hidden_states)
+        return hidden_states
+
+
+class GPTBlock(GradientCheckpointingLayer):
+    """Pre-LayerNorm block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.attn = GPTAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.mlp = GPTMLP(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        attn_output, _ = self.attn(self.ln_1(hidden_states), attention_mask, cache, **kwargs)
+        hidden_states = hidden_states + attn_output
+        return hidden_states + self.mlp(self.ln_2(hidden_states))
+
+
+class GPTPreTrainedModel(PreTrainedModel):
+    config: GPTConfig
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["GPTBlock"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+    _can_record_outputs = {
+        "hidden_states": GPTBlock,
+        "attentions": OutputRecorder(GPTAttention, index=1),
+    }
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """GPT-2 init. `init.*` skip tensors already loaded from a checkpoint."""
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            # The two residual projections per block are scaled by 1/sqrt(2 * n_layer) (GPT-2 paper) so the
+            # residual stream's variance does not grow with depth. Decided on the Linear itself: for remote code,
+            # transformers skips `_init_weights` on modules without direct parameters (GPTAttention, GPTMLP).
+            if getattr(module, "is_residual_projection", False):
+                std = std / math.sqrt(2 * self.config.num_hidden_layers)
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # transformers writes only the saved class (and its config) into `auto_map`; add the base model so
+        # `AutoModel.from_pretrained(path, trust_remote_code=True)` works on a causal-LM checkpoint too.
+        if self._auto_class is not None:
+            self.config.auto_map = {
+                "AutoModel": f"{GPTModel.__module__.split('.')[-1]}.GPTModel",
+                **(getattr(self.config, "auto_map", None) or {}),
+            }
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+class GPTModel(GPTPreTrainedModel):
+    def __init__(self, config: GPTConfig):
+        super().__init__(config)
+        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList([GPTBlock(config, i) for i in range(config.num_hidden_layers)])
+        self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.wte
+
+    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
+        self.wte = new_embeddings
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.wte(input_ids)  # (B, T, C)
+        # Training never reads a cache, so only build one by default in eval mode (generate passes use_cache).
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if position_ids is None:
+            start = cache.get_seq_length() if cache is not None else 0  # tokens already in the cache
+            end = start + inputs_embeds.shape[1]
+            position_ids = torch.arange(start, end, device=inputs_embeds.device).unsqueeze(0)  # (1, T)
+
+        # None when there is no padding (sdpa then uses is_causal); else a bool (sdpa) or additive (eager) mask.
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+        )
+
+        hidden_states = inputs_embeds + self.wpe(position_ids)
+        if self.training and self.drop.p > 0:
+            hidden_states = self.drop(hidden_states)
+        for block in self.h:
+            # hidden_states positional: gradient checkpointing only tracks positional tensors.
+            hidden_states = block(hidden_states, attention_mask=causal_mask, cache=cache, **kwargs)
+        hidden_states = self.ln_f(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
+
+
+class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+
+    def __init__(self, config: GPTConfig):
+        super().__init__(config)
+        self.transformer = GPTModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.transformer.wte
+
+    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
+        self.transformer.wte = new_embeddings
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head = new_embeddings
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        shift_labels: torch.LongTensor | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        r"""
+        labels: (B, T) targets aligned with `input_ids` (shifted inside, -100 = ignore), the HF convention.
+        shift_labels: (B, T) targets already shifted (`shift_labels[:, t]` is the token after position t), as
+            our data pipeline packs them; takes precedence over `labels`.
+        num_items_in_batch: total target tokens over the gradient-accumulation window; the loss becomes
+            sum / num_items_in_batch instead of the micro-batch mean, so accumulated gradients are exact.
+        logits_to_keep: int k > 0 computes logits for the last k positions only (generate uses 1).
+        """
+        outputs: BaseModelOutputWithPast = self.transformer(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)  # (B, T', V)
+
+        loss = None
+        if labels is not None or shift_labels is not None:
+            # ForCausalLMLoss: `.float()` is a no-op for fp32 logits, so no extra (B, T, V) copy is made.
+            loss = self.loss_function(
+                logits=logits,
+                labels=labels,
+                vocab_size=self.config.vocab_size,
+                shift_labels=shift_labels,
+                num_items_in_batch=num_items_in_batch,
+                **kwargs,
+            )
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+__all__ = ["GPTPreTrainedModel", "GPTModel", "GPTForCausalLM"]

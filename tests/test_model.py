@@ -1,0 +1,338 @@
+"""The recipe GPT as a transformers model: loss, cache, masks, attention backends, save/load, remote code."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache, pipeline
+
+from recipe import GPTConfig, GPTForCausalLM, GPTModel
+
+# Larger init than GPT-2's 0.02 so the random tiny model's greedy continuations depend on the input
+# (with 0.02 they collapse to one repeated token and cache bugs could go unnoticed).
+SHARP = dict(initializer_range=0.3)
+
+
+def ids(batch: int = 2, seq: int = 12, vocab: int = 97, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+# --- config -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("hidden_size", 30),  # not divisible by 4 heads
+        ("num_hidden_layers", 0),
+        ("num_attention_heads", -2),
+        ("vocab_size", 0),
+        ("max_position_embeddings", 0),
+        ("intermediate_size", -1),
+        ("embd_pdrop", -0.1),
+        ("resid_pdrop", 1.0),
+        ("attn_pdrop", 1.5),
+        ("hidden_act", "gelu_fancy"),
+        ("layer_norm_epsilon", 0.0),
+    ],
+)
+def test_invalid_config_raises_value_error_naming_the_field(field, value):
+    kwargs = dict(vocab_size=97, hidden_size=32, num_attention_heads=4)
+    kwargs[field] = value
+    with pytest.raises(ValueError, match=field):
+        GPTConfig(**kwargs)
+
+
+def test_config_resolves_intermediate_size_and_round_trips(tmp_path):
+    config = GPTConfig(hidden_size=32, num_attention_heads=4)
+    assert config.intermediate_size == 128
+    assert config.model_type == "recipe_gpt" and config.tie_word_embeddings
+    config.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["intermediate_size"] == 128
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, GPTConfig)
+    assert {**loaded.to_dict(), "_name_or_path": ""} == config.to_dict()
+
+
+def test_gpt2_initialisation(tiny_gpt):
+    model = tiny_gpt(hidden_size=128, num_hidden_layers=2)
+    block = model.transformer.h[0]
+    residual_std = 0.02 / (2 * 2) ** 0.5
+    for proj in (block.attn.c_proj, block.mlp.c_proj):
+        assert abs(proj.weight.std().item() - residual_std) < 0.1 * residual_std
+        assert torch.all(proj.bias == 0)
+    for w in (block.attn.c_attn.weight, block.mlp.c_fc.weight, model.transformer.wte.weight):
+        assert abs(w.std().item() - 0.02) < 0.002
+    assert torch.all(block.ln_1.weight == 1) and torch.all(block.ln_1.bias == 0)
+
+
+# --- loss ---------------------------------------------------------------------------------------------
+
+
+def test_loss_is_shifted_cross_entropy(tiny_gpt):
+    model, x = tiny_gpt(), ids()
+    labels = x.clone()
+    labels[0, 3] = -100
+    out = model(x, labels=labels)
+    log_probs = F.log_softmax(out.logits[:, :-1].double(), dim=-1)
+    targets = labels[:, 1:]
+    keep = targets != -100
+    nll = -log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    expected = nll[keep].mean()
+    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_shift_labels_give_the_same_loss_as_labels(tiny_gpt):
+    model, x = tiny_gpt(), ids()
+    labels = x.clone()
+    labels[1, 5:8] = -100
+    shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100)  # what the data pipeline stores
+    from_labels = model(x, labels=labels).loss
+    from_shift = model(x, shift_labels=shift_labels).loss
+    torch.testing.assert_close(from_shift, from_labels)
+    assert not torch.allclose(model(x, shift_labels=labels).loss, from_labels)  # unshifted would be wrong
+
+
+def test_num_items_in_batch_sums_micro_batches_to_the_full_batch_mean(tiny_gpt):
+    model, x = tiny_gpt(), ids(batch=4)
+    labels = x.clone()
+    labels[0, 2:] = -100  # uneven token counts per micro-batch
+    full = model(x, labels=labels).loss
+    n_items = (labels[:, 1:] != -100).sum()
+    halves = [model(x[i : i + 2], labels=labels[i : i + 2], num_items_in_batch=n_items).loss for i in (0, 2)]
+    torch.testing.assert_close(halves[0] + halves[1], full)
+    naive = sum(model(x[i : i + 2], labels=labels[i : i + 2]).loss for i in (0, 2)) / 2
+    assert not torch.allclose(naive, full)
+
+
+def test_logits_to_keep_and_tuple_output(tiny_gpt):
+    model, x = tiny_gpt(), ids()
+    full = model(x).logits
+    last = model(x, logits_to_keep=1).logits
+    assert last.shape == (2, 1, 97)
+    torch.testing.assert_close(last, full[:, -1:])
+    loss, logits = model(x, labels=x, use_cache=False, return_dict=False)
+    torch.testing.assert_close(logits, full)
+
+
+def test_output_hidden_states(tiny_gpt):
+    model, x = tiny_gpt(), ids()
+    out = model(x, output_hidden_states=True)
+    assert len(out.hidden_states) == 3  # embeddings + one per block
+    embeddings = model.transformer.wte(x) + model.transformer.wpe.weight[: x.shape[1]]
+    torch.testing.assert_close(out.hidden_states[0], embeddings)
+    torch.testing.assert_close(out.hidden_states[-1], model.transformer(x).last_hidden_state)
+
+
+# --- attention, masks, cache --------------------------------------------------------------------------
+
+
+def test_causality(tiny_gpt):
+    model, x = tiny_gpt(), ids()
+    changed = x.clone()
+    changed[:, 7] = (changed[:, 7] + 1) % 97
+    a, b = model(x).logits, model(changed).logits
+    torch.testing.assert_close(a[:, :7], b[:, :7], rtol=0, atol=1e-6)
+    assert not torch.allclose(a[:, 7:], b[:, 7:])
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_eager_and_sdpa_logits_agree(tiny_gpt, padded):
+    model, x = tiny_gpt(), ids()
+    mask = torch.ones_like(x)
+    if padded:
+        mask[1, :4] = 0  # left padding on the second row
+    assert model.config._attn_implementation == "sdpa"
+    sdpa = model(x, attention_mask=mask).logits
+    model.set_attn_implementation("eager")
+    eager = model(x, attention_mask=mask).logits
+    keep = mask.bool()
+    torch.testing.assert_close(sdpa[keep], eager[keep], rtol=1e-5, atol=1e-5)
+
+
+def test_default_cache_only_outside_training(tiny_gpt):
+    model, x = tiny_gpt(), ids()
+    assert isinstance(model(x).cache, DynamicCache)
+    assert model(x).cache.get_seq_length() == x.shape[1]
+    model.train()
+    assert model(x).cache is None
+
+
+def test_cached_generation_equals_uncached_and_a_manual_loop(tiny_gpt):
+    model, prompt = tiny_gpt(**SHARP), ids(batch=2, seq=5)
+    kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    cached = model.generate(prompt, use_cache=True, **kwargs)
+    uncached = model.generate(prompt, use_cache=False, **kwargs)
+    manual = prompt
+    with torch.no_grad():
+        for _ in range(10):
+            manual = torch.cat([manual, model(manual).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert len(set(manual[0, 5:].tolist())) > 1  # the check is only meaningful if the output varies
+    assert torch.equal(cached, manual)
+    assert torch.equal(uncached, manual)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_left_padded_batch_generates_like_each_row_alone(tiny_gpt, attn):
+    model = tiny_gpt(**SHARP, attn_implementation=attn)
+    long, short = ids(batch=1, seq=7, seed=2)[0], ids(batch=1, seq=4, seed=3)[0]
+    pad = 96
+    batch = torch.stack([long, torch.cat([torch.full((3,), pad), short])])
+    mask = torch.tensor([[1] * 7, [0] * 3 + [1] * 4])
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=pad)
+    together = model.generate(batch, attention_mask=mask, **kwargs)[:, 7:]
+    for row, prompt in enumerate([long, short]):
+        alone = model.generate(prompt[None], **kwargs)[:, len(prompt) :]
+        assert torch.equal(together[row : row + 1], alone), row
+
+
+def test_gradient_checkpointing_recomputes_and_matches_gradients(tiny_gpt):
+    model, x = tiny_gpt(), ids()
+    model.train()
+    calls = []
+    for block in model.transformer.h:
+        # Not the last module of the block: torch's checkpoint stops recomputing once the saved tensors exist.
+        block.attn.register_forward_hook(lambda *_: calls.append(1))
+
+    def grads():
+        model.zero_grad()
+        calls.clear()
+        model(x, labels=x).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}, len(calls)
+
+    plain, plain_calls = grads()
+    model.activation_checkpointing_enable()
+    checkpointed, ckpt_calls = grads()
+    assert (plain_calls, ckpt_calls) == (2, 4)  # the backward really re-ran both blocks
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+# --- save / load --------------------------------------------------------------------------------------
+
+
+def test_tied_embeddings_are_one_tensor_also_after_save_and_load(tiny_gpt, tmp_path):
+    model = tiny_gpt()
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    model.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()
+
+
+def test_save_load_round_trip_through_auto_classes(tiny_gpt, tmp_path):
+    model, x = tiny_gpt(), ids()
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == "recipe_gpt"
+    assert saved["auto_map"] == {
+        "AutoConfig": "configuration_gpt.GPTConfig",
+        "AutoModel": "modeling_gpt.GPTModel",
+        "AutoModelForCausalLM": "modeling_gpt.GPTForCausalLM",
+    }
+    assert (tmp_path / "modeling_gpt.py").is_file() and (tmp_path / "configuration_gpt.py").is_file()
+
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(config, GPTConfig) and config.hidden_size == 32 and config.intermediate_size == 128
+    lm = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(lm) is GPTForCausalLM
+    torch.testing.assert_close(lm(x).logits, model(x).logits, rtol=0, atol=0)
+    base = AutoModel.from_pretrained(tmp_path).eval()
+    assert type(base) is GPTModel
+    torch.testing.assert_close(
+        base(x).last_hidden_state, model.transformer(x).last_hidden_state, rtol=0, atol=0
+    )
+
+
+def test_attn_implementation_switch_via_from_pretrained(tiny_gpt, tmp_path):
+    model, x = tiny_gpt(), ids()
+    model.save_pretrained(tmp_path)
+    eager = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager")
+    assert eager.config._attn_implementation == "eager"
+    out = eager(x, output_attentions=True)  # only the eager path returns attention probabilities
+    assert len(out.attentions) == 2 and out.attentions[0].shape == (2, 4, 12, 12)
+    torch.testing.assert_close(out.logits, model(x).logits, rtol=1e-5, atol=1e-5)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path).config._attn_implementation == "sdpa"
+
+
+def test_bf16_load(tiny_gpt, tmp_path):
+    model, x = tiny_gpt(), ids()
+    model.save_pretrained(tmp_path)
+    bf16 = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    assert bf16.lm_head.weight.data_ptr() == bf16.transformer.wte.weight.data_ptr()
+    out = bf16(x, labels=x)
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    torch.testing.assert_close(out.logits.float(), model(x).logits, rtol=0, atol=2e-2)
+    assert bf16.generate(x[:, :4], max_new_tokens=3, do_sample=False, pad_token_id=0).shape == (2, 7)
+
+
+REMOTE_SCRIPT = r"""
+import sys
+sys.modules["recipe"] = None  # the package must not be importable: everything comes from the checkpoint
+import json, torch
+from transformers import AutoModel, AutoModelForCausalLM
+path = sys.argv[1]
+try:
+    import recipe  # noqa
+    raise SystemExit("recipe is importable; the test would prove nothing")
+except ImportError:
+    pass
+lm = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+base = AutoModel.from_pretrained(path, trust_remote_code=True)
+x = torch.load(path + "/x.pt")
+expected = torch.load(path + "/logits.pt")
+with torch.no_grad():
+    diff = (lm(x).logits - expected).abs().max().item()
+gen = lm.generate(x[:, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)
+print(json.dumps({"module": type(lm).__module__, "base": type(base).__name__, "diff": diff,
+                  "tied": lm.lm_head.weight.data_ptr() == lm.transformer.wte.weight.data_ptr(),
+                  "generated": list(gen.shape)}))
+"""
+
+
+def test_trust_remote_code_in_a_process_without_recipe(tiny_gpt, tmp_path):
+    model, x = tiny_gpt(), ids()
+    ckpt = tmp_path / "ckpt"
+    model.save_pretrained(ckpt)
+    torch.save(x, ckpt / "x.pt")
+    with torch.no_grad():
+        torch.save(model(x).logits, ckpt / "logits.pt")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    proc = subprocess.run(
+        [sys.executable, "-I", "-c", REMOTE_SCRIPT, str(ckpt)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["module"].startswith("transformers_modules.")
+    assert result["base"] == "GPTModel"
+    assert result["diff"] == 0.0
+    assert result["tied"] and result["generated"] == [2, 7]
+
+
+def test_text_generation_pipeline(tiny_gpt, tiny_tokenizer, tmp_path):
+    tok = tiny_tokenizer
+    model = tiny_gpt(
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    generator = pipeline("text-generation", model=str(tmp_path), trust_remote_code=True)
+    out = generator("ROMEO:", max_new_tokens=5, do_sample=False)
+    text = out[0]["generated_text"]
+    assert text.startswith("ROMEO:") and len(text) > len("ROMEO:")

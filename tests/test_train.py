@@ -1,0 +1,164 @@
+"""The training loop, end to end: real `accelerate launch`, real data, real checkpoints, tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.yaml")
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+       "OMP_NUM_THREADS": "1"}
+QUIET = ["--report_to", "none", "--sample_max_new_tokens", "0"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(out: Path, *args: str, processes: int = 1, check: bool = True, **popen) -> subprocess.CompletedProcess:
+    """`accelerate launch` with `processes` CPU processes (gloo; `--cpu --num_processes 2` would start one)."""
+    dist = ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--num_processes", "1"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "-q", *dist, "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           str(ROOT / "recipe" / "train.py"), "--config", TINY, "--output_dir", str(out), *QUIET, *args]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600, **popen)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def max_weight_diff(a: Path, b: Path) -> float:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    return max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory) -> Path:
+    """20 uninterrupted steps, keeping every checkpoint: the reference for resume, and the output checks."""
+    out = tmp_path_factory.mktemp("full")
+    launch(out, "--max_steps", "20", "--save_steps", "10", "--eval_steps", "10", "--logging_steps", "5",
+           "--save_total_limit", "none", "--sample_max_new_tokens", "20")
+    return out
+
+
+def test_loss_falls_on_tiny_data(full_run):
+    rows = [json.loads(line) for line in (full_run / "metrics.jsonl").read_text().splitlines()]
+    train = [r["loss"] for r in rows if "loss" in r]
+    results = json.loads((full_run / "all_results.json").read_text())
+    vocab = json.loads((full_run / "config.json").read_text())["vocab_size"]
+    assert train[-1] < train[0] - 0.5, train
+    assert results["eval_loss"] < math.log(vocab) - 0.5  # well below the random-guess baseline
+    assert results["perplexity"] == pytest.approx(math.exp(results["eval_loss"]), rel=1e-6)
+    assert 0 < results["eval_bits_per_byte"] < results["eval_loss"] / math.log(2)  # > 1 byte per token
+
+
+def test_output_folder_is_a_complete_hf_model(full_run):
+    expected = ["config.json", "model.safetensors", "modeling_gpt.py", "configuration_gpt.py", "tokenizer.json",
+                "tokenizer_config.json", "generation_config.json", "README.md", "all_results.json",
+                "metrics.jsonl", "loss.png", "lr.png", "run_config.yaml"]
+    missing = [f for f in expected if not (full_run / f).is_file()]
+    assert not missing, missing
+    config = json.loads((full_run / "config.json").read_text())
+    assert "AutoModelForCausalLM" in config["auto_map"]
+    results = json.loads((full_run / "all_results.json").read_text())
+    for key in ["train_loss", "eval_loss", "perplexity", "eval_bits_per_byte", "train_tokens", "train_runtime",
+                "train_tokens_per_second", "global_step"]:
+        assert key in results, key
+    assert results["global_step"] == 20
+    card = (full_run / "README.md").read_text()
+    assert "bits per byte" in card and f"{results['eval_loss']:.4f}" in card
+
+
+def test_output_loads_with_pipeline_where_recipe_cannot_be_imported(full_run, tmp_path):
+    script = (
+        "import sys; sys.modules['recipe'] = None\n"  # any `import recipe` now fails
+        "from transformers import pipeline\n"
+        f"pipe = pipeline('text-generation', model={str(full_run)!r}, trust_remote_code=True, device='cpu')\n"
+        "out = pipe('ROMEO:', max_new_tokens=8, do_sample=False)[0]['generated_text']\n"
+        "assert out.startswith('ROMEO:') and len(out) > len('ROMEO:'), out\n"
+        "print(type(pipe.model).__module__)\n"
+    )
+    env = {**ENV, "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "transformers_modules" in proc.stdout
+
+
+def test_resume_from_mid_run_checkpoint_gives_the_same_weights(full_run, tmp_path):
+    # A run that "stopped" after step 10: its output_dir holds only checkpoint-10.
+    out = tmp_path / "resumed"
+    out.mkdir()
+    subprocess.run(["cp", "-r", str(full_run / "checkpoint-10"), str(out)], check=True)
+    launch(out, "--max_steps", "20", "--save_steps", "10", "--eval_steps", "10", "--logging_steps", "5",
+           "--save_total_limit", "none", "--resume_from_checkpoint", "latest")
+    assert max_weight_diff(out, full_run) < 1e-6
+    again = json.loads((out / "all_results.json").read_text())
+    first = json.loads((full_run / "all_results.json").read_text())
+    assert again["eval_loss"] == pytest.approx(first["eval_loss"], abs=1e-6)
+    assert again["train_tokens"] == first["train_tokens"]
+
+
+def test_two_processes_equal_one_process_with_accumulation(tmp_path):
+    common = ["--max_steps", "6", "--per_device_train_batch_size", "4", "--eval_steps", "6", "--save_steps", "100"]
+    launch(tmp_path / "two", *common, "--gradient_accumulation_steps", "1", processes=2)
+    launch(tmp_path / "one", *common, "--gradient_accumulation_steps", "2", processes=1)
+    assert max_weight_diff(tmp_path / "two", tmp_path / "one") < 1e-4
+    two = json.loads((tmp_path / "two" / "all_results.json").read_text())
+    one = json.loads((tmp_path / "one" / "all_results.json").read_text())
+    assert two["eval_loss"] == pytest.approx(one["eval_loss"], abs=1e-4)
+    assert two["train_tokens"] == one["train_tokens"]
+
+
+def test_sigterm_leaves_a_resumable_checkpoint(tmp_path):
+    out = tmp_path / "stopped"
+    cmd = [sys.executable, str(ROOT / "recipe" / "train.py"), "--config", TINY, "--output_dir", str(out), *QUIET,
+           "--max_steps", "100000", "--save_steps", "100000", "--logging_steps", "1", "--eval_steps", "100000"]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while not (out / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    checkpoints = sorted(out.glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and not list(out.glob("tmp-checkpoint-*")), stderr[-2000:]
+    assert "--resume_from_checkpoint latest" in stdout + stderr
+    stopped_at = json.loads((checkpoints[0] / "trainer_state.json").read_text())["global_step"]
+    launch(out, "--max_steps", str(stopped_at + 2), "--save_steps", "100000", "--eval_steps", "100000",
+           "--resume_from_checkpoint", "latest")
+    assert json.loads((out / "all_results.json").read_text())["global_step"] == stopped_at + 2
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--learning_rat", "1e-3"], "unknown configuration key(s): 'learning_rat'"),
+    (["--max_steps", "many"], "max_steps expects an integer"),
+    (["--train_files", "/nonexistent/*.txt"], "train_files"),
+])
+def test_bad_config_is_a_clear_error_not_a_traceback(tmp_path, args, message):
+    proc = subprocess.run([sys.executable, str(ROOT / "recipe" / "train.py"), "--config", TINY,
+                           "--output_dir", str(tmp_path), *QUIET, *args],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
