@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= configs/shakespeare.yaml
 ARGS ?=
 MODEL ?= outputs/$(basename $(notdir $(CONFIG)))
-PROMPT ?= ROMEO:
+PROMPT ?= Romeo.
 # CPU machines get the CPU build of torch (pinned, small); machines with an NVIDIA driver get the default CUDA build.
 # Override with e.g. `make TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"`.
 TORCH_SPEC ?= $(shell if command -v nvidia-smi >/dev/null 2>&1; then echo "torch>=2.4"; else echo "torch==2.13.0"; fi)

@@ -73,7 +73,7 @@ class RunConfig:
     # --- seeing it learn ---
     logging_steps: int = 10
     eval_steps: int = 50
-    max_eval_batches: int | None = None  # across all processes; None: the whole validation split
+    max_eval_batches: int | None = None  # evaluations during training, over all processes; the final one is always whole
     report_to: str = "tensorboard"  # tensorboard, trackio, wandb, all or none
     run_name: str | None = None
 

@@ -202,13 +202,13 @@ class StopSignal:
 
 
 @torch.no_grad()
-def evaluate(model, dataloader, accelerator: Accelerator, cfg: RunConfig, bytes_per_token: float) -> dict[str, float]:
+def evaluate(model, dataloader, accelerator: Accelerator, max_batches: int | None, bytes_per_token: float) -> dict[str, float]:
     """Token-weighted validation loss over all processes (gather_for_metrics drops the padding duplicates)."""
     model.eval()
     nll_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     count = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    # max_eval_batches counts batches of all processes together, so the same blocks are scored at any scale.
-    limit = None if cfg.max_eval_batches is None else math.ceil(cfg.max_eval_batches / accelerator.num_processes)
+    # max_batches counts batches of all processes together, so the same blocks are scored at any scale.
+    limit = None if max_batches is None else math.ceil(max_batches / accelerator.num_processes)
     for i, batch in enumerate(dataloader):
         if limit is not None and i >= limit:
             break
@@ -383,7 +383,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             loss_sum.zero_()
             steps_since_log, tokens_since_log, t_log = 0, 0, time.perf_counter()
         if is_eval:
-            last_eval = evaluate(model, eval_dl, accelerator, cfg, data.summary["validation"].bytes_per_token)
+            # The final evaluation scores the whole validation split; the ones along the way may sample it.
+            max_batches = None if step == cfg.max_steps else cfg.max_eval_batches
+            last_eval = evaluate(model, eval_dl, accelerator, max_batches, data.summary["validation"].bytes_per_token)
             log.write({"step": step, **last_eval})
             accelerator.log({f"eval/{k}": v for k, v in last_eval.items()}, step=step)
             progress.write(f"step {step}: eval loss {last_eval['eval_loss']:.4f}, "
