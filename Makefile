@@ -23,8 +23,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	@touch $(STAMP)
 
+# One process, all cores. (`accelerate launch` would pin a single CPU process to one thread: OMP_NUM_THREADS=1.)
+# For several processes or GPUs use `accelerate launch` directly, as the README shows.
 train: $(STAMP)
-	$(VENV)/bin/accelerate launch -q --num_processes 1 recipe/train.py --config $(CONFIG) --output_dir $(MODEL) $(ARGS)
+	$(PY) recipe/train.py --config $(CONFIG) --output_dir $(MODEL) $(ARGS)
 
 data: $(STAMP)
 	$(PY) -m recipe.data --config $(CONFIG) $(ARGS)

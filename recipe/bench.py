@@ -60,7 +60,7 @@ class StepBench:
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
         ids = torch.randint(0, vocab, (cfg.per_device_train_batch_size, cfg.block_size + 1))
         # Ours takes the pipeline's pre-shifted labels; stock GPT-2 takes labels = input_ids and shifts inside.
-        self.kwargs = ({"input_ids": ids[:, :-1].contiguous(), "shift_labels": ids[:, 1:].contiguous()} if shifted
+        self.kwargs = ({"input_ids": ids[:, :-1], "shift_labels": ids[:, 1:]} if shifted
                        else {"input_ids": ids[:, :-1], "labels": ids[:, :-1]})
         self.tokens = ids[:, :-1].numel()
         self.autocast = autocast
