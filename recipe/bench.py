@@ -34,17 +34,30 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def build_ours(cfg: RunConfig, vocab: int, attn: str = "sdpa") -> GPTForCausalLM:
-    config = GPTConfig(vocab_size=vocab, max_position_embeddings=cfg.block_size, hidden_size=cfg.hidden_size,
-                       num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-                       intermediate_size=cfg.intermediate_size)
+    config = GPTConfig(
+        vocab_size=vocab,
+        max_position_embeddings=cfg.block_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        intermediate_size=cfg.intermediate_size,
+    )
     config._attn_implementation = attn
     return GPTForCausalLM(config)
 
 
 def build_stock(cfg: RunConfig, vocab: int) -> GPT2LMHeadModel:
-    config = GPT2Config(vocab_size=vocab, n_positions=cfg.block_size, n_embd=cfg.hidden_size,
-                        n_layer=cfg.num_hidden_layers, n_head=cfg.num_attention_heads, n_inner=cfg.intermediate_size,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = GPT2Config(
+        vocab_size=vocab,
+        n_positions=cfg.block_size,
+        n_embd=cfg.hidden_size,
+        n_layer=cfg.num_hidden_layers,
+        n_head=cfg.num_attention_heads,
+        n_inner=cfg.intermediate_size,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     config._attn_implementation = "sdpa"
     return GPT2LMHeadModel(config)
 
@@ -52,21 +65,35 @@ def build_stock(cfg: RunConfig, vocab: int) -> GPT2LMHeadModel:
 class StepBench:
     """A bare training step (forward, backward, clip, AdamW) on fixed random tokens, timed per call."""
 
-    def __init__(self, model: torch.nn.Module, cfg: RunConfig, vocab: int, shifted: bool, compile: bool = False,
-                 autocast: torch.dtype | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cfg: RunConfig,
+        vocab: int,
+        shifted: bool,
+        compile: bool = False,
+        autocast: torch.dtype | None = None,
+    ):
         torch.manual_seed(0)
         self.model = model.train()
         self.fn = torch.compile(model) if compile else model
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
         ids = torch.randint(0, vocab, (cfg.per_device_train_batch_size, cfg.block_size + 1))
         # Ours takes the pipeline's pre-shifted labels; stock GPT-2 takes labels = input_ids and shifts inside.
-        self.kwargs = ({"input_ids": ids[:, :-1], "shift_labels": ids[:, 1:]} if shifted
-                       else {"input_ids": ids[:, :-1], "labels": ids[:, :-1]})
+        self.kwargs = (
+            {"input_ids": ids[:, :-1], "shift_labels": ids[:, 1:]}
+            if shifted
+            else {"input_ids": ids[:, :-1], "labels": ids[:, :-1]}
+        )
         self.tokens = ids[:, :-1].numel()
         self.autocast = autocast
 
     def step(self) -> None:
-        ctx = torch.autocast("cpu", dtype=self.autocast) if self.autocast else torch.autocast("cpu", enabled=False)
+        ctx = (
+            torch.autocast("cpu", dtype=self.autocast)
+            if self.autocast
+            else torch.autocast("cpu", enabled=False)
+        )
         with ctx:
             loss = self.fn(**self.kwargs).loss
         loss.backward()
@@ -90,10 +117,19 @@ def interleave(variants: dict[str, Callable[[], float]], rounds: int) -> dict[st
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def section(title: str, results: dict[str, float], baseline: str, flops_token: float | None = None,
-            peak: float | None = None) -> list[str]:
-    lines = [f"### {title}", "", "| variant | tokens/s | ratio |" + (" MFU |" if peak else ""),
-             "|---|---:|---:|" + ("---:|" if peak else "")]
+def section(
+    title: str,
+    results: dict[str, float],
+    baseline: str,
+    flops_token: float | None = None,
+    peak: float | None = None,
+) -> list[str]:
+    lines = [
+        f"### {title}",
+        "",
+        "| variant | tokens/s | ratio |" + (" MFU |" if peak else ""),
+        "|---|---:|---:|" + ("---:|" if peak else ""),
+    ]
     for name, tok_s in results.items():
         row = f"| {name} | {tok_s:,.0f} | {tok_s / results[baseline]:.2f}x |"
         if peak:
@@ -109,13 +145,25 @@ def bench_models(cfg: RunConfig, vocab: int, args, peak: float) -> list[str]:
     stock.model.load_state_dict(_to_gpt2_state(ours.model.state_dict()), strict=False)  # same starting point
     for b in (ours, stock):
         b.run(2)  # warm-up
-    res = interleave({"GPTForCausalLM (ours)": lambda: ours.run(args.steps),
-                      "GPT2LMHeadModel (stock)": lambda: stock.run(args.steps)}, args.rounds)
-    out = section("Training step: ours vs stock GPT-2, same shape, fp32, AdamW", res, "GPT2LMHeadModel (stock)",
-                  flops, peak)
-    variants = {"sdpa": StepBench(build_ours(cfg, vocab, "sdpa"), cfg, vocab, True),
-                "eager": StepBench(build_ours(cfg, vocab, "eager"), cfg, vocab, True),
-                "sdpa + bf16 autocast": StepBench(build_ours(cfg, vocab), cfg, vocab, True, autocast=torch.bfloat16)}
+    res = interleave(
+        {
+            "GPTForCausalLM (ours)": lambda: ours.run(args.steps),
+            "GPT2LMHeadModel (stock)": lambda: stock.run(args.steps),
+        },
+        args.rounds,
+    )
+    out = section(
+        "Training step: ours vs stock GPT-2, same shape, fp32, AdamW",
+        res,
+        "GPT2LMHeadModel (stock)",
+        flops,
+        peak,
+    )
+    variants = {
+        "sdpa": StepBench(build_ours(cfg, vocab, "sdpa"), cfg, vocab, True),
+        "eager": StepBench(build_ours(cfg, vocab, "eager"), cfg, vocab, True),
+        "sdpa + bf16 autocast": StepBench(build_ours(cfg, vocab), cfg, vocab, True, autocast=torch.bfloat16),
+    }
     if "compile" not in args.skip:
         variants["sdpa + torch.compile"] = StepBench(build_ours(cfg, vocab), cfg, vocab, True, compile=True)
     for b in variants.values():
@@ -139,30 +187,59 @@ def bench_loop(cfg: RunConfig, config_path: str, vocab: int, args) -> list[str]:
 
     def full_loop() -> float:
         with tempfile.TemporaryDirectory() as out:
-            subprocess.run([sys.executable, str(ROOT / "recipe" / "train.py"), "--config", config_path,
-                            "--output_dir", out, "--max_steps", str(steps), "--logging_steps", str(steps // 4),
-                            "--eval_steps", str(steps * 10), "--save_steps", str(steps * 10), "--report_to", "none",
-                            "--sample_max_new_tokens", "0", "--max_eval_batches", "1"],
-                           check=True, capture_output=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+            subprocess.run(
+                [
+                    sys.executable,
+                    str(ROOT / "recipe" / "train.py"),
+                    "--config",
+                    config_path,
+                    "--output_dir",
+                    out,
+                    "--max_steps",
+                    str(steps),
+                    "--logging_steps",
+                    str(steps // 4),
+                    "--eval_steps",
+                    str(steps * 10),
+                    "--save_steps",
+                    str(steps * 10),
+                    "--report_to",
+                    "none",
+                    "--sample_max_new_tokens",
+                    "0",
+                    "--max_eval_batches",
+                    "1",
+                ],
+                check=True,
+                capture_output=True,
+                env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+            )
             rows = [json.loads(line) for line in Path(out, "metrics.jsonl").read_text().splitlines()]
-        rates = [r["tokens_per_second"] for r in rows if "tokens_per_second" in r][1:]  # drop the warm-up window
+        rates = [r["tokens_per_second"] for r in rows if "tokens_per_second" in r][
+            1:
+        ]  # drop the warm-up window
         return statistics.median(rates)
 
-    res = interleave({"bare step loop": lambda: bare.run(steps), "train.py": full_loop}, max(2, args.rounds // 2))
+    res = interleave(
+        {"bare step loop": lambda: bare.run(steps), "train.py": full_loop}, max(2, args.rounds // 2)
+    )
     return section(f"Loop overhead: train.py vs a bare step, {steps} steps", res, "bare step loop")
 
 
 def bench_tokenization(config_path: str) -> list[str]:
     """Default corpus: the first preparation tokenizes, the second reads the datasets cache."""
-    code = ("import time, sys; from recipe.config import load_config; from recipe.data import prepare_data\n"
-            "cfg = load_config(['--config', sys.argv[1]]); t = time.perf_counter(); d = prepare_data(cfg)\n"
-            "print(time.perf_counter() - t, d.summary['train'].bytes + d.summary['validation'].bytes)")
+    code = (
+        "import time, sys; from recipe.config import load_config; from recipe.data import prepare_data\n"
+        "cfg = load_config(['--config', sys.argv[1]]); t = time.perf_counter(); d = prepare_data(cfg)\n"
+        "print(time.perf_counter() - t, d.summary['train'].bytes + d.summary['validation'].bytes)"
+    )
     lines = ["### Tokenization of the default corpus", "", "| run | seconds | MB/s |", "|---|---:|---:|"]
     with tempfile.TemporaryDirectory() as hf_cache:
         env = {**os.environ, "HF_DATASETS_CACHE": hf_cache, "TOKENIZERS_PARALLELISM": "false"}
         for label in ("cold (tokenize)", "cached (fingerprint hit)"):
-            out = subprocess.run([sys.executable, "-c", code, config_path], check=True, capture_output=True,
-                                 text=True, env=env).stdout.split()
+            out = subprocess.run(
+                [sys.executable, "-c", code, config_path], check=True, capture_output=True, text=True, env=env
+            ).stdout.split()
             seconds, nbytes = float(out[-2]), int(out[-1])
             lines.append(f"| {label} | {seconds:.2f} | {nbytes / 1e6 / seconds:.1f} |")
     return lines + [""]
@@ -181,12 +258,18 @@ def main(argv: list[str] | None = None) -> str:
     vocab = cfg.vocab_size
     torch.manual_seed(0)
     peak = measure_matmul_peak("cpu", seconds=1.0)
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-    lines = [f"## {datetime.date.today()} | {machine}", "",
-             f"Shape from `{Path(args.config).name}`: hidden {cfg.hidden_size}, layers {cfg.num_hidden_layers}, "
-             f"heads {cfg.num_attention_heads}, context {cfg.block_size}, batch {cfg.per_device_train_batch_size}, "
-             f"vocab {vocab}. Measured fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s. Median of {args.rounds} "
-             f"interleaved rounds of {args.steps} steps. Command: `make bench`.", ""]
+    machine = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    )
+    lines = [
+        f"## {datetime.date.today()} | {machine}",
+        "",
+        f"Shape from `{Path(args.config).name}`: hidden {cfg.hidden_size}, layers {cfg.num_hidden_layers}, "
+        f"heads {cfg.num_attention_heads}, context {cfg.block_size}, batch {cfg.per_device_train_batch_size}, "
+        f"vocab {vocab}. Measured fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s. Median of {args.rounds} "
+        f"interleaved rounds of {args.steps} steps. Command: `make bench`.",
+        "",
+    ]
     if "models" not in args.skip:
         lines += bench_models(cfg, vocab, args, peak)
     if "loop" not in args.skip:

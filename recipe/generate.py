@@ -41,8 +41,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--num_return_sequences must be positive, got {args.num_return_sequences}")
     path = Path(args.model)
     if path.exists() and not (path / "config.json").is_file():
-        p.error(f"--model: {args.model} is not a model folder (no config.json); "
-                "train one with `make train` or point at the output_dir of a run")
+        p.error(
+            f"--model: {args.model} is not a model folder (no config.json); "
+            "train one with `make train` or point at the output_dir of a run"
+        )
     return args
 
 
@@ -51,8 +53,9 @@ def generate(args: argparse.Namespace) -> list[str]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)
         model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True).to(device).eval()
-    except OSError as err:
-        raise SystemExit(f"error: cannot load a model from {args.model!r}: {err}") from None
+    except (OSError, ValueError) as err:  # a missing folder, a bad Hub id, no network: one clear line
+        hint = "" if Path(args.model).exists() else " (no such folder, and not reachable as a Hub id)"
+        raise SystemExit(f"error: cannot load a model from {args.model!r}{hint}: {err}") from None
     set_seed(args.seed)
     ids = tokenizer(args.prompt, return_tensors="pt").input_ids.to(device)
     if ids.shape[1] == 0:  # an empty prompt: start from the document separator
@@ -61,14 +64,25 @@ def generate(args: argparse.Namespace) -> list[str]:
     if room is not None and ids.shape[1] + args.max_new_tokens > room:
         # Learned positions end at the context length; stop there rather than fail mid-generation.
         args.max_new_tokens = max(1, room - ids.shape[1])
-        print(f"(max_new_tokens capped at {args.max_new_tokens}: the model's context is {room} tokens)", file=sys.stderr)
+        print(
+            f"(max_new_tokens capped at {args.max_new_tokens}: the model's context is {room} tokens)",
+            file=sys.stderr,
+        )
     greedy = args.temperature == 0
-    sampling = {} if greedy else {"temperature": args.temperature, "top_k": args.top_k or None, "top_p": args.top_p}
+    sampling = (
+        {} if greedy else {"temperature": args.temperature, "top_k": args.top_k or None, "top_p": args.top_p}
+    )
     streamer = TextStreamer(tokenizer, skip_special_tokens=True) if args.num_return_sequences == 1 else None
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=not greedy,
-                             num_return_sequences=args.num_return_sequences, streamer=streamer,
-                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling)
+        out = model.generate(
+            ids,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=not greedy,
+            num_return_sequences=args.num_return_sequences,
+            streamer=streamer,
+            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+            **sampling,
+        )
     texts = tokenizer.batch_decode(out, skip_special_tokens=True)
     if streamer is None:
         for i, text in enumerate(texts):

@@ -35,8 +35,17 @@ def flops_per_token(config: Any, seq_len: int) -> float:
 
 
 # Dense peak tensor-core FLOP/s by GPU name (bf16/fp16; TF32 is half), from the vendors' data sheets.
-_GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
-                  "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
+_GPU_PEAK_BF16 = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 125e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
+    "V100": 125e12,
+    "T4": 65e12,
+}
 
 
 def gpu_peak_flops(device: torch.device, mixed_precision: str) -> float | None:
@@ -49,8 +58,12 @@ def gpu_peak_flops(device: torch.device, mixed_precision: str) -> float | None:
     return None
 
 
-def measure_matmul_peak(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                        size: int = 1024, seconds: float = 0.5) -> float:
+def measure_matmul_peak(
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    size: int = 1024,
+    seconds: float = 0.5,
+) -> float:
     """Achievable matmul FLOP/s on this device: the denominator for MFU where no data sheet applies (CPUs)."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
@@ -74,7 +87,9 @@ class JsonlLog:
         if self.path.exists():
             # On resume keep the history up to the checkpoint, drop rows from steps that are being redone.
             rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-            self.rows = [r for r in rows if keep_until_step is not None and r.get("step", 0) <= keep_until_step]
+            self.rows = [
+                r for r in rows if keep_until_step is not None and r.get("step", 0) <= keep_until_step
+            ]
             if enabled:
                 self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
 
@@ -92,8 +107,13 @@ def results_table(results: dict[str, float], vocab_size: int) -> str:
     rows.append(("validation loss (nats/token)", f"{results['eval_loss']:.4f}", f"{baseline:.4f}"))
     rows.append(("perplexity", f"{results['perplexity']:.2f}", f"{vocab_size}"))
     if results.get("eval_bits_per_byte") is not None:
-        rows.append(("bits per byte", f"{results['eval_bits_per_byte']:.4f}",
-                     f"{bits_per_byte(baseline, results['eval_bytes_per_token']):.4f}"))
+        rows.append(
+            (
+                "bits per byte",
+                f"{results['eval_bits_per_byte']:.4f}",
+                f"{bits_per_byte(baseline, results['eval_bytes_per_token']):.4f}",
+            )
+        )
     rows.append(("train loss (last steps)", f"{results['train_loss']:.4f}", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]

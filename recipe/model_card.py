@@ -8,46 +8,90 @@ from typing import Any
 import yaml
 
 
-def write_model_card(output_dir: Path, cfg: Any, data: Any, results: dict[str, Any], table: str,
-                     sample: str | None) -> None:
+def write_model_card(
+    output_dir: Path, cfg: Any, data: Any, results: dict[str, Any], table: str, sample: str | None
+) -> None:
     name = cfg.hub_model_id or output_dir.name
     train, val = data.summary["train"], data.summary["validation"]
-    front = {"library_name": "transformers", "pipeline_tag": "text-generation",
-             "tags": ["gpt-recipe", "causal-lm", "pretrained-from-scratch"], "license": "apache-2.0"}
-    model_keys = ["hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "block_size",
-                  "vocab_size", "dropout"]
-    train_keys = ["max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
-                  "warmup_steps", "min_lr_ratio", "weight_decay", "max_grad_norm", "mixed_precision", "seed"]
+    front = {
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": ["gpt-recipe", "causal-lm", "pretrained-from-scratch"],
+        "license": "apache-2.0",
+    }
+    model_keys = [
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "block_size",
+        "vocab_size",
+        "dropout",
+    ]
+    train_keys = [
+        "max_steps",
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "learning_rate",
+        "warmup_steps",
+        "min_lr_ratio",
+        "weight_decay",
+        "max_grad_norm",
+        "mixed_precision",
+        "seed",
+    ]
     settings = yaml.safe_dump({k: getattr(cfg, k) for k in model_keys + train_keys}, sort_keys=False).strip()
     lines = [
-        "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
-        f"# {name}", "",
+        "---",
+        yaml.safe_dump(front, sort_keys=False).strip(),
+        "---",
+        "",
+        f"# {name}",
+        "",
         f"A GPT ({results['num_parameters'] / 1e6:.2f}M parameters, GPT-2 architecture: pre-LayerNorm, learned "
         "positions, tied embeddings) pretrained from scratch with [gpt-recipe](https://github.com/) "
-        "on " + data.source + ".", "",
-        "## Results", "",
+        "on " + data.source + ".",
+        "",
+        "## Results",
+        "",
         f"Held-out validation set ({val.documents} documents, {val.tokens:,} tokens, {val.bytes_per_token:.3f} "
-        "bytes per token). Bits per byte do not depend on the tokenizer, so they compare across vocabularies.", "",
-        table, "",
+        "bytes per token). Bits per byte do not depend on the tokenizer, so they compare across vocabularies.",
+        "",
+        table,
+        "",
         f"Trained for {results['global_step']} optimizer steps on {results['train_tokens']:,} tokens "
         f"({train.tokens:,} tokens in the training split) in {results['train_runtime']:.0f} s "
-        f"({results['train_tokens_per_second']:,.0f} tokens/s).", "",
-        "![loss](loss.png)", "",
-        "## Use", "",
+        f"({results['train_tokens_per_second']:,.0f} tokens/s).",
+        "",
+        "![loss](loss.png)",
+        "",
+        "## Use",
+        "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         f'tok = AutoTokenizer.from_pretrained("{name}", trust_remote_code=True)',
         f'model = AutoModelForCausalLM.from_pretrained("{name}", trust_remote_code=True)',
         'ids = tok("ROMEO:", return_tensors="pt").input_ids',
         "print(tok.decode(model.generate(ids, max_new_tokens=100, do_sample=True, top_k=200)[0]))",
-        "```", "",
+        "```",
+        "",
         "`python -m recipe.export --model PATH --to gpt2 --output DIR` turns it into a stock `GPT2LMHeadModel` "
-        "that needs no remote code.", "",
-        "## Training configuration", "", "```yaml", settings, "```", "",
+        "that needs no remote code.",
+        "",
+        "## Training configuration",
+        "",
+        "```yaml",
+        settings,
+        "```",
+        "",
     ]
     if sample:
         lines += ["## Sample (temperature 0.8, top-k 200)", "", "```text", sample.strip(), "```", ""]
-    lines += ["## Limitations", "",
-              "A small model trained briefly on a narrow corpus: it imitates the style of its training text "
-              "and knows nothing reliable about the world. Do not use its output as fact.", ""]
+    lines += [
+        "## Limitations",
+        "",
+        "A small model trained briefly on a narrow corpus: it imitates the style of its training text "
+        "and knows nothing reliable about the world. Do not use its output as fact.",
+        "",
+    ]
     (output_dir / "README.md").write_text("\n".join(lines))

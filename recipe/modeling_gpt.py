@@ -213,8 +213,10 @@ class GPTModel(GPTPreTrainedModel):
             start = cache.get_seq_length() if cache is not None else 0  # tokens already in the cache
             end = start + inputs_embeds.shape[1]
             if end > self.config.max_position_embeddings:
-                raise ValueError(f"sequence of {end} tokens is longer than max_position_embeddings "
-                                 f"({self.config.max_position_embeddings}): the learned positions end there")
+                raise ValueError(
+                    f"sequence of {end} tokens is longer than max_position_embeddings "
+                    f"({self.config.max_position_embeddings}): the learned positions end there"
+                )
             position_ids = torch.arange(start, end, device=inputs_embeds.device).unsqueeze(0)  # (1, T)
 
         # None when there is no padding (sdpa then uses is_causal); else a bool (sdpa) or additive (eager) mask.
@@ -300,7 +302,9 @@ class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
                 logits=logits,
                 labels=labels,
                 vocab_size=self.config.vocab_size,
-                shift_labels=None if shift_labels is None else shift_labels.contiguous(),  # the loss views it flat
+                shift_labels=None
+                if shift_labels is None
+                else shift_labels.contiguous(),  # the loss views it flat
                 num_items_in_batch=num_items_in_batch,
                 **kwargs,
             )

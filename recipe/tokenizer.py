@@ -27,8 +27,14 @@ logger = logging.getLogger(__name__)
 EOS = "<|endoftext|>"
 MAX_TRAINING_BYTES = 1 << 30  # BPE training holds its word counts in memory; 1 GiB of text is plenty
 # Everything that changes the trained tokenizer besides the corpus and vocab_size: part of the cache key.
-SETTINGS = {"model": "bpe", "pre_tokenizer": "byte_level(add_prefix_space=False)", "special_tokens": [EOS],
-            "initial_alphabet": "all 256 bytes", "max_training_bytes": MAX_TRAINING_BYTES, "version": 1}
+SETTINGS = {
+    "model": "bpe",
+    "pre_tokenizer": "byte_level(add_prefix_space=False)",
+    "special_tokens": [EOS],
+    "initial_alphabet": "all 256 bytes",
+    "max_training_bytes": MAX_TRAINING_BYTES,
+    "version": 1,
+}
 MIN_VOCAB_SIZE = 257  # the 256 byte symbols plus <|endoftext|>
 
 
@@ -38,12 +44,17 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(_capped(texts, MAX_TRAINING_BYTES), trainer)
     # clean_up_tokenization_spaces would turn " ," into "," on decode: off, to stay lossless.
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS,
-                                   clean_up_tokenization_spaces=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS, clean_up_tokenization_spaces=False
+    )
 
 
 def _capped(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
@@ -56,7 +67,9 @@ def _capped(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
             return
 
 
-def get_tokenizer(cfg: RunConfig, corpus_id: str, texts: Callable[[], Iterable[str]]) -> PreTrainedTokenizerBase:
+def get_tokenizer(
+    cfg: RunConfig, corpus_id: str, texts: Callable[[], Iterable[str]]
+) -> PreTrainedTokenizerBase:
     """`cfg.tokenizer_name` if set, else the cached BPE for this corpus, trained on `texts()` if missing.
 
     `corpus_id` identifies the training split's content (a datasets fingerprint); `texts` is called only
@@ -65,13 +78,19 @@ def get_tokenizer(cfg: RunConfig, corpus_id: str, texts: Callable[[], Iterable[s
     if cfg.tokenizer_name:
         return load_tokenizer(cfg.tokenizer_name)
     if cfg.vocab_size < MIN_VOCAB_SIZE:
-        raise ConfigError(f"vocab_size must be at least {MIN_VOCAB_SIZE} for a byte-level BPE "
-                          f"(256 bytes + {EOS}), got {cfg.vocab_size}")
-    key = hashlib.sha256(json.dumps([corpus_id, cfg.vocab_size, SETTINGS], sort_keys=True).encode()).hexdigest()
+        raise ConfigError(
+            f"vocab_size must be at least {MIN_VOCAB_SIZE} for a byte-level BPE "
+            f"(256 bytes + {EOS}), got {cfg.vocab_size}"
+        )
+    key = hashlib.sha256(
+        json.dumps([corpus_id, cfg.vocab_size, SETTINGS], sort_keys=True).encode()
+    ).hexdigest()
     root = Path(cfg.cache_dir).expanduser() / "tokenizers"
     folder = root / f"bpe-{cfg.vocab_size}-{key[:16]}"
     if not (folder / "tokenizer.json").is_file():
-        logger.info("Training a byte-level BPE tokenizer (vocab_size %d) on the training split", cfg.vocab_size)
+        logger.info(
+            "Training a byte-level BPE tokenizer (vocab_size %d) on the training split", cfg.vocab_size
+        )
         tokenizer = train_bpe(texts(), cfg.vocab_size)
         root.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=root, prefix=".tmp-") as tmp:
@@ -97,8 +116,10 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     except Exception as err:  # OSError, ValueError, HTTP errors...: all mean "cannot use this name"
         raise ConfigError(f"tokenizer_name: cannot load tokenizer {name!r}: {err}") from err
     if tokenizer.eos_token_id is None:
-        raise ConfigError(f"tokenizer_name: the tokenizer {name!r} has no eos token, which is needed to "
-                          "separate documents; pick another tokenizer or leave tokenizer_name unset to train one")
+        raise ConfigError(
+            f"tokenizer_name: the tokenizer {name!r} has no eos token, which is needed to "
+            "separate documents; pick another tokenizer or leave tokenizer_name unset to train one"
+        )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -53,6 +53,7 @@ STATE_FILE = "trainer_state.json"
 
 # ----------------------------------------------------------------------------- helpers
 
+
 def has_accelerator() -> bool:
     if hasattr(torch, "accelerator"):
         return torch.accelerator.is_available()
@@ -77,11 +78,14 @@ def check_hub_access(cfg: RunConfig) -> None:
 def build_model(cfg: RunConfig, data: PreparedData) -> GPTForCausalLM:
     tok = data.tokenizer
     if cfg.model_name_or_path:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, trust_remote_code=True,
-                                                     attn_implementation=cfg.attn_implementation)
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.model_name_or_path, trust_remote_code=True, attn_implementation=cfg.attn_implementation
+        )
         if model.config.vocab_size < len(tok):
-            raise ConfigError(f"model_name_or_path: the model's vocabulary ({model.config.vocab_size}) is "
-                              f"smaller than the tokenizer's ({len(tok)})")
+            raise ConfigError(
+                f"model_name_or_path: the model's vocabulary ({model.config.vocab_size}) is "
+                f"smaller than the tokenizer's ({len(tok)})"
+            )
         return model
     config = GPTConfig(
         vocab_size=len(tok),
@@ -90,9 +94,13 @@ def build_model(cfg: RunConfig, data: PreparedData) -> GPTForCausalLM:
         num_hidden_layers=cfg.num_hidden_layers,
         num_attention_heads=cfg.num_attention_heads,
         intermediate_size=cfg.intermediate_size,
-        embd_pdrop=cfg.dropout, resid_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
+        embd_pdrop=cfg.dropout,
+        resid_pdrop=cfg.dropout,
+        attn_pdrop=cfg.dropout,
         bias=cfg.bias,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
     )
     config._attn_implementation = cfg.attn_implementation
     return GPTForCausalLM(config)
@@ -107,7 +115,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
             if id(p) in seen or not p.requires_grad:
                 continue  # the tied LM head is the embedding: counted once, undecayed
             seen.add(id(p))
-            (no_decay if isinstance(module, no_decay_types) or name == "bias" or p.ndim < 2 else decay).append(p)
+            (
+                no_decay if isinstance(module, no_decay_types) or name == "bias" or p.ndim < 2 else decay
+            ).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -115,7 +125,9 @@ def make_schedule(optimizer, cfg: RunConfig, num_processes: int = 1):
     # A prepared scheduler steps once per process per optimizer step, so its horizon is scaled to match.
     warmup, total = cfg.warmup_steps * num_processes, cfg.max_steps * num_processes
     if cfg.min_lr_ratio > 0:
-        return get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, total, min_lr_rate=cfg.min_lr_ratio)
+        return get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, warmup, total, min_lr_rate=cfg.min_lr_ratio
+        )
     return get_cosine_schedule_with_warmup(optimizer, warmup, total)
 
 
@@ -138,11 +150,15 @@ def find_checkpoint(cfg: RunConfig) -> Path | None:
     if cfg.resume_from_checkpoint != "latest":
         path = Path(cfg.resume_from_checkpoint)
         if not (path / STATE_FILE).is_file():
-            raise ConfigError(f"resume_from_checkpoint: {path} is not a complete checkpoint (no {STATE_FILE})")
+            raise ConfigError(
+                f"resume_from_checkpoint: {path} is not a complete checkpoint (no {STATE_FILE})"
+            )
         return path
     found = list_checkpoints(Path(cfg.output_dir))
     if not found:
-        raise ConfigError(f"resume_from_checkpoint is 'latest' but {cfg.output_dir} holds no checkpoint-<step> folder")
+        raise ConfigError(
+            f"resume_from_checkpoint is 'latest' but {cfg.output_dir} holds no checkpoint-<step> folder"
+        )
     return found[-1]
 
 
@@ -202,7 +218,9 @@ class StopSignal:
 
 
 @torch.no_grad()
-def evaluate(model, dataloader, accelerator: Accelerator, max_batches: int | None, bytes_per_token: float) -> dict[str, float]:
+def evaluate(
+    model, dataloader, accelerator: Accelerator, max_batches: int | None, bytes_per_token: float
+) -> dict[str, float]:
     """Token-weighted validation loss over all processes (gather_for_metrics drops the padding duplicates)."""
     model.eval()
     nll_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
@@ -214,8 +232,9 @@ def evaluate(model, dataloader, accelerator: Accelerator, max_batches: int | Non
             break
         logits = model(input_ids=batch["input_ids"]).logits  # (B, T, V)
         labels = batch["shift_labels"]  # (B, T)
-        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
-                                                reduction="none").view_as(labels)
+        nll = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1).float(), labels.flatten(), reduction="none"
+        ).view_as(labels)
         mask = labels.ne(-100)
         per_row = torch.stack([(nll * mask).sum(1), mask.sum(1)], dim=1).double()  # (B, 2)
         per_row = accelerator.gather_for_metrics(per_row)
@@ -223,17 +242,24 @@ def evaluate(model, dataloader, accelerator: Accelerator, max_batches: int | Non
         count += per_row[:, 1].sum()
     model.train()
     loss = (nll_sum / count.clamp(min=1)).item()
-    return {"eval_loss": loss, "perplexity": perplexity(loss), "eval_bits_per_byte": bits_per_byte(loss, bytes_per_token)}
+    return {
+        "eval_loss": loss,
+        "perplexity": perplexity(loss),
+        "eval_bits_per_byte": bits_per_byte(loss, bytes_per_token),
+    }
 
 
 # ----------------------------------------------------------------------------- main
+
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     cfg = load_config(sys.argv[1:] if argv is None else argv)
     output_dir = Path(cfg.output_dir)
     if list_checkpoints(output_dir) and not cfg.resume_from_checkpoint and not cfg.overwrite_output_dir:
-        raise ConfigError(f"output_dir {output_dir} already holds checkpoints: continue with "
-                          "--resume_from_checkpoint latest, or start over with --overwrite_output_dir true")
+        raise ConfigError(
+            f"output_dir {output_dir} already holds checkpoints: continue with "
+            "--resume_from_checkpoint latest, or start over with --overwrite_output_dir true"
+        )
     if cfg.push_to_hub:
         check_hub_access(cfg)
 
@@ -244,7 +270,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         cpu=not has_accelerator(),
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_plugin=GradientAccumulationPlugin(
-            num_steps=cfg.gradient_accumulation_steps, sync_with_dataloader=False),  # windows span epochs
+            num_steps=cfg.gradient_accumulation_steps, sync_with_dataloader=False
+        ),  # windows span epochs
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_dir=str(output_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
@@ -263,12 +290,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         cfg.save(output_dir / "run_config.yaml")
 
     # --- data: tokenised once (main process first), the others read the datasets cache
-    data = prepare_data(cfg, accelerator.main_process_first, accelerator.process_index, accelerator.num_processes)
+    data = prepare_data(
+        cfg, accelerator.main_process_first, accelerator.process_index, accelerator.num_processes
+    )
     streaming = not hasattr(data.train, "__len__")
     pin = accelerator.device.type == "cuda"
     # Full batches only: fixed shapes (no recompiles under torch.compile) and equal work on every process.
-    train_dl = DataLoader(data.train, batch_size=cfg.per_device_train_batch_size, shuffle=not streaming,
-                          drop_last=True, num_workers=cfg.dataloader_num_workers, pin_memory=pin)
+    train_dl = DataLoader(
+        data.train,
+        batch_size=cfg.per_device_train_batch_size,
+        shuffle=not streaming,
+        drop_last=True,
+        num_workers=cfg.dataloader_num_workers,
+        pin_memory=pin,
+    )
     eval_dl = DataLoader(data.validation, batch_size=cfg.per_device_eval_batch_size, pin_memory=pin)
 
     # --- model, optimizer, schedule
@@ -277,20 +312,31 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         model.gradient_checkpointing_enable()
     n_params = sum(p.numel() for p in model.parameters())
     fused = accelerator.device.type == "cuda"
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
-                                  betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
-                                  fused=fused or None, foreach=None if fused else True)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay),
+        lr=cfg.learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_epsilon,
+        fused=fused or None,
+        foreach=None if fused else True,
+    )
     scheduler = make_schedule(optimizer, cfg, accelerator.num_processes)
     if streaming:  # already split across ranks by prepare_data; accelerate must not shard it again
         model, optimizer, eval_dl, scheduler = accelerator.prepare(model, optimizer, eval_dl, scheduler)
     else:
-        model, optimizer, train_dl, eval_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, eval_dl, scheduler)
+        model, optimizer, train_dl, eval_dl, scheduler = accelerator.prepare(
+            model, optimizer, train_dl, eval_dl, scheduler
+        )
     if not streaming and len(train_dl) == 0:
-        raise ConfigError(f"per_device_train_batch_size ({cfg.per_device_train_batch_size}) x processes "
-                          f"({accelerator.num_processes}) is more than the {len(data.train)} training blocks")
+        raise ConfigError(
+            f"per_device_train_batch_size ({cfg.per_device_train_batch_size}) x processes "
+            f"({accelerator.num_processes}) is more than the {len(data.train)} training blocks"
+        )
 
     if cfg.report_to != "none":
-        hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in cfg.to_dict().items()}
+        hparams = {
+            k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in cfg.to_dict().items()
+        }
         accelerator.init_trackers(cfg.run_name or output_dir.name, config=hparams)
 
     # --- resume: weights, optimizer, scheduler and RNG states from save_state; the data position from our state
@@ -315,15 +361,24 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     stop = StopSignal()
 
     if main_proc:
-        print(f"Model: {n_params / 1e6:.2f}M parameters, vocab {model_config.vocab_size}, context {cfg.block_size}")
-        print(f"Training {cfg.max_steps} steps x {cfg.per_device_train_batch_size} blocks x {accum} accumulation "
-              f"x {accelerator.num_processes} processes = "
-              f"{cfg.per_device_train_batch_size * accum * accelerator.num_processes * cfg.block_size} tokens per step")
+        print(
+            f"Model: {n_params / 1e6:.2f}M parameters, vocab {model_config.vocab_size}, context {cfg.block_size}"
+        )
+        print(
+            f"Training {cfg.max_steps} steps x {cfg.per_device_train_batch_size} blocks x {accum} accumulation "
+            f"x {accelerator.num_processes} processes = "
+            f"{cfg.per_device_train_batch_size * accum * accelerator.num_processes * cfg.block_size} tokens per step"
+        )
 
     # --- the loop
     model.train()
-    progress = tqdm(total=cfg.max_steps, initial=state["global_step"], disable=not main_proc, desc="train",
-                    dynamic_ncols=True)
+    progress = tqdm(
+        total=cfg.max_steps,
+        initial=state["global_step"],
+        disable=not main_proc,
+        desc="train",
+        dynamic_ncols=True,
+    )
     loss_sum = torch.zeros((), device=accelerator.device)  # summed on device; read only every logging_steps
     first_bad_step = torch.full((), -1, device=accelerator.device)
     steps_since_log, tokens_since_log, t_log = 0, 0, time.perf_counter()
@@ -340,8 +395,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         n_items = accelerator.reduce(n_items, "sum") if accelerator.num_processes > 1 else n_items
         for _, batch in window:
             with accelerator.accumulate(model):
-                out = model(input_ids=batch["input_ids"], shift_labels=batch["shift_labels"],
-                            num_items_in_batch=n_items)
+                out = model(
+                    input_ids=batch["input_ids"],
+                    shift_labels=batch["shift_labels"],
+                    num_items_in_batch=n_items,
+                )
                 # backward divides by accum and DDP averages over processes; undo both: the sum is exact.
                 accelerator.backward(out.loss * accum * accelerator.num_processes)
                 loss_sum += out.loss.detach()
@@ -364,17 +422,28 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if is_log or is_eval or is_save or stop.received:
             bad = int(first_bad_step.item())
             if bad > 0:
-                accelerator.print(f"\nLoss became NaN or infinite at step {bad}; stopping. The last good "
-                                  f"checkpoint stays in {output_dir}. Try a lower learning_rate or max_grad_norm.")
+                accelerator.print(
+                    f"\nLoss became NaN or infinite at step {bad}; stopping. The last good "
+                    f"checkpoint stays in {output_dir}. Try a lower learning_rate or max_grad_norm."
+                )
                 accelerator.end_training()
                 sys.exit(1)
         if is_log:
             elapsed = time.perf_counter() - t_log
-            last_train_loss = (accelerator.reduce(loss_sum, "sum") if accelerator.num_processes > 1 else loss_sum).item() / steps_since_log
+            last_train_loss = (
+                accelerator.reduce(loss_sum, "sum") if accelerator.num_processes > 1 else loss_sum
+            ).item() / steps_since_log
             tok_s = tokens_since_log / elapsed
             state["tokens_seen"] += tokens_since_log
-            row = {"step": step, "epoch": epoch, "loss": last_train_loss, "lr": scheduler.get_last_lr()[0],
-                   "grad_norm": float(grad_norm), "tokens_per_second": tok_s, "tokens_seen": state["tokens_seen"]}
+            row = {
+                "step": step,
+                "epoch": epoch,
+                "loss": last_train_loss,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm),
+                "tokens_per_second": tok_s,
+                "tokens_seen": state["tokens_seen"],
+            }
             if peak:
                 row["mfu"] = tok_s * flops_token / peak
             log.write(row)
@@ -385,11 +454,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if is_eval:
             # The final evaluation scores the whole validation split; the ones along the way may sample it.
             max_batches = None if step == cfg.max_steps else cfg.max_eval_batches
-            last_eval = evaluate(model, eval_dl, accelerator, max_batches, data.summary["validation"].bytes_per_token)
+            last_eval = evaluate(
+                model, eval_dl, accelerator, max_batches, data.summary["validation"].bytes_per_token
+            )
             log.write({"step": step, **last_eval})
             accelerator.log({f"eval/{k}": v for k, v in last_eval.items()}, step=step)
-            progress.write(f"step {step}: eval loss {last_eval['eval_loss']:.4f}, "
-                           f"ppl {last_eval['perplexity']:.2f}, bpb {last_eval['eval_bits_per_byte']:.4f}")
+            progress.write(
+                f"step {step}: eval loss {last_eval['eval_loss']:.4f}, "
+                f"ppl {last_eval['perplexity']:.2f}, bpb {last_eval['eval_bits_per_byte']:.4f}"
+            )
             t_log = time.perf_counter()  # evaluation time is not training throughput
         state["train_runtime"] = runtime_before + time.perf_counter() - t_start
         stopping = stop_requested(stop, accelerator)
@@ -397,41 +470,64 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             path = save_checkpoint(accelerator, cfg, state)
             if stopping:
                 progress.close()
-                accelerator.print(f"\nStopped by signal at step {step}; saved {path}.\nResume with: "
-                                  f"accelerate launch recipe/train.py --config <same config> --output_dir {output_dir} "
-                                  "--resume_from_checkpoint latest")
+                resume = (
+                    " ".join(a for a in sys.argv if a)
+                    if argv is None
+                    else f"recipe/train.py {' '.join(argv)}"
+                )
+                accelerator.print(
+                    f"\nStopped by signal at step {step}; saved {path}.\n"
+                    f"Resume with: python {resume} --resume_from_checkpoint latest"
+                )
                 accelerator.end_training()
                 sys.exit(128 + (stop.received or signal.SIGTERM))
     progress.close()
 
     # --- export: output_dir becomes an HF model folder
-    results = {"train_loss": last_train_loss, **last_eval, "eval_bytes_per_token": data.summary["validation"].bytes_per_token,
-               "train_tokens": state["tokens_seen"], "train_runtime": state["train_runtime"],
-               "train_tokens_per_second": state["tokens_seen"] / max(state["train_runtime"], 1e-9),
-               "global_step": state["global_step"], "num_parameters": n_params}
+    results = {
+        "train_loss": last_train_loss,
+        **last_eval,
+        "eval_bytes_per_token": data.summary["validation"].bytes_per_token,
+        "train_tokens": state["tokens_seen"],
+        "train_runtime": state["train_runtime"],
+        "train_tokens_per_second": state["tokens_seen"] / max(state["train_runtime"], 1e-9),
+        "global_step": state["global_step"],
+        "num_parameters": n_params,
+    }
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
-    unwrapped.save_pretrained(output_dir, is_main_process=main_proc, save_function=accelerator.save,
-                              state_dict=accelerator.get_state_dict(model))
+    unwrapped.save_pretrained(
+        output_dir,
+        is_main_process=main_proc,
+        save_function=accelerator.save,
+        state_dict=accelerator.get_state_dict(model),
+    )
     sample = None
     if main_proc:
         data.tokenizer.save_pretrained(output_dir)
-        unwrapped.generation_config = GenerationConfig(
-            bos_token_id=model_config.bos_token_id, eos_token_id=model_config.eos_token_id,
-            pad_token_id=model_config.pad_token_id, do_sample=True, temperature=0.8, top_k=200,
-            max_length=model_config.max_position_embeddings)  # learned positions end there
-        unwrapped.generation_config.save_pretrained(output_dir)
         sample = write_sample(unwrapped, data.tokenizer, cfg)
+        unwrapped.generation_config = GenerationConfig(
+            bos_token_id=model_config.bos_token_id,
+            eos_token_id=model_config.eos_token_id,
+            pad_token_id=model_config.pad_token_id,
+            do_sample=True,
+            temperature=0.8,
+            top_k=200,
+            max_length=model_config.max_position_embeddings,
+        )  # learned positions end there
+        unwrapped.generation_config.save_pretrained(output_dir)
         (output_dir / "all_results.json").write_text(json.dumps(results, indent=2))
         plot_loss(log.rows, output_dir / "loss.png", model_config.vocab_size)
         plot_lr(*schedule_curve(cfg), output_dir / "lr.png")
         table = results_table(results, model_config.vocab_size)
         write_model_card(output_dir, cfg, data, results, table, sample)
         print(f"\n{table}\n")
-        print(f"Model saved to {output_dir}/ (tokens seen {state['tokens_seen']:,}, "
-              f"{results['train_tokens_per_second']:,.0f} tokens/s)\n"
-              f"Sample it:   python -m recipe.generate --model {output_dir} --prompt \"ROMEO:\"\n"
-              f"Load it:     AutoModelForCausalLM.from_pretrained(\"{output_dir}\", trust_remote_code=True)")
+        print(
+            f"Model saved to {output_dir}/ (tokens seen {state['tokens_seen']:,}, "
+            f"{results['train_tokens_per_second']:,.0f} tokens/s)\n"
+            f'Sample it:   python -m recipe.generate --model {output_dir} --prompt "Romeo."\n'
+            f'Load it:     AutoModelForCausalLM.from_pretrained("{output_dir}", trust_remote_code=True)'
+        )
         if sample:
             print(f"\nA sample at temperature 0.8:\n{sample}")
     accelerator.end_training()
@@ -440,8 +536,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
         api = HfApi()
         api.create_repo(cfg.hub_model_id, private=cfg.hub_private_repo, exist_ok=True)
-        api.upload_folder(repo_id=cfg.hub_model_id, folder_path=str(output_dir),
-                          ignore_patterns=["checkpoint-*", "tmp-checkpoint-*", "runs/*", "*/events.out.*"])
+        api.upload_folder(
+            repo_id=cfg.hub_model_id,
+            folder_path=str(output_dir),
+            ignore_patterns=["checkpoint-*", "tmp-checkpoint-*", "runs/*", "*/events.out.*"],
+        )
         print(f"Pushed to https://huggingface.co/{cfg.hub_model_id}")
     return results
 
@@ -464,8 +563,9 @@ def write_sample(model, tokenizer, cfg: RunConfig) -> str | None:
         ids = torch.tensor([[tokenizer.eos_token_id]], device=model.device)
     torch.manual_seed(cfg.seed)
     room = model.config.max_position_embeddings - ids.shape[1]  # learned positions end at the context length
-    out = model.generate(ids, max_new_tokens=min(cfg.sample_max_new_tokens, room), do_sample=True,
-                         temperature=0.8, top_k=200)
+    out = model.generate(
+        ids, max_new_tokens=min(cfg.sample_max_new_tokens, room), do_sample=True, temperature=0.8, top_k=200
+    )
     return tokenizer.decode(out[0], skip_special_tokens=True)
 
 

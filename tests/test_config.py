@@ -20,8 +20,19 @@ def test_yaml_scientific_notation_is_a_float(tmp_path):
 
 def test_command_line_overrides_yaml(tmp_path):
     path = write(tmp_path, "max_steps: 7\nbias: true\n")
-    cfg = load_config(["--config", path, "--max_steps", "9", "--bias=false", "--train_files", "a.txt,b/*.txt",
-                       "--intermediate_size", "none"])
+    cfg = load_config(
+        [
+            "--config",
+            path,
+            "--max_steps",
+            "9",
+            "--bias=false",
+            "--train_files",
+            "a.txt,b/*.txt",
+            "--intermediate_size",
+            "none",
+        ]
+    )
     assert (cfg.max_steps, cfg.bias, cfg.intermediate_size) == (9, False, None)
     assert cfg.train_files == ["a.txt", "b/*.txt"]
 
@@ -33,16 +44,19 @@ def test_unknown_key_is_named_with_a_suggestion(tmp_path):
         load_config(["--config", write(tmp_path, "batch_sise: 4\n")])
 
 
-@pytest.mark.parametrize("key,value,expected", [
-    ("max_steps", "ten", "max_steps expects an integer"),
-    ("max_steps", "2.5", "max_steps expects an integer"),
-    ("learning_rate", "fast", "learning_rate expects a number"),
-    ("bias", "maybe", "bias expects true or false"),
-    ("mixed_precision", "fp8", "mixed_precision must be one of"),
-    ("max_steps", "0", "max_steps must be a positive"),
-    ("dropout", "-0.1", "dropout"),
-    ("num_attention_heads", "3", "divisible by num_attention_heads"),
-])
+@pytest.mark.parametrize(
+    "key,value,expected",
+    [
+        ("max_steps", "ten", "max_steps expects an integer"),
+        ("max_steps", "2.5", "max_steps expects an integer"),
+        ("learning_rate", "fast", "learning_rate expects a number"),
+        ("bias", "maybe", "bias expects true or false"),
+        ("mixed_precision", "fp8", "mixed_precision must be one of"),
+        ("max_steps", "0", "max_steps must be a positive"),
+        ("dropout", "-0.1", "dropout"),
+        ("num_attention_heads", "3", "divisible by num_attention_heads"),
+    ],
+)
 def test_bad_values_name_the_key(key, value, expected):
     with pytest.raises(ConfigError, match=expected):
         load_config([f"--{key}", value])

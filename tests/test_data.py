@@ -24,14 +24,24 @@ from recipe.tokenizer import EOS, train_bpe
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = 16
 WORDS = "thou art more lovely and more temperate rough winds do shake the darling buds of may".split()
-UNICODE = ["naïve café", "Grüße", "日本語のテキスト", "emoji 😀🎭", "e\u0301 combining", "tab\there", "  leading"]
+UNICODE = [
+    "naïve café",
+    "Grüße",
+    "日本語のテキスト",
+    "emoji 😀🎭",
+    "e\u0301 combining",
+    "tab\there",
+    "  leading",
+]
 
 
 def documents(n: int, seed: int = 0) -> list[str]:
     """Distinct documents, each starting with its number, with some non-ASCII text inside."""
     rng = random.Random(seed)
-    return [f"Document {i:02d}. " + " ".join(rng.choice(WORDS + UNICODE) for _ in range(rng.randint(30, 60)))
-            for i in range(n)]
+    return [
+        f"Document {i:02d}. " + " ".join(rng.choice(WORDS + UNICODE) for _ in range(rng.randint(30, 60)))
+        for i in range(n)
+    ]
 
 
 def write(folder: Path, texts: list[str], suffix: str = ".txt") -> list[Path]:
@@ -43,10 +53,14 @@ def write(folder: Path, texts: list[str], suffix: str = ".txt") -> list[Path]:
 
 
 def config(tmp_path: Path, **values) -> RunConfig:
-    return RunConfig(**{"vocab_size": 300, "block_size": BLOCK, "cache_dir": str(tmp_path / "cache"), **values})
+    return RunConfig(
+        **{"vocab_size": 300, "block_size": BLOCK, "cache_dir": str(tmp_path / "cache"), **values}
+    )
 
 
-def local_config(tmp_path: Path, train: list[str], validation: list[str] | None = None, **values) -> RunConfig:
+def local_config(
+    tmp_path: Path, train: list[str], validation: list[str] | None = None, **values
+) -> RunConfig:
     write(tmp_path / "train", train)
     if validation is not None:
         write(tmp_path / "val", validation)
@@ -55,11 +69,17 @@ def local_config(tmp_path: Path, train: list[str], validation: list[str] | None 
 
 
 def expected_stream(tok, texts: list[str]) -> list[int]:
-    return [i for text in texts for i in tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+    return [
+        i for text in texts for i in tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    ]
 
 
 def blocks(ds) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = ds[:] if isinstance(ds, Dataset) else {k: torch.stack([r[k] for r in ds]) for k in ("input_ids", "shift_labels")}
+    rows = (
+        ds[:]
+        if isinstance(ds, Dataset)
+        else {k: torch.stack([r[k] for r in ds]) for k in ("input_ids", "shift_labels")}
+    )
     return rows["input_ids"], rows["shift_labels"]
 
 
@@ -71,10 +91,15 @@ def check_blocks(x: torch.Tensor, y: torch.Tensor, block_size: int = BLOCK) -> N
 
 
 def cache_state(folder: Path) -> dict[str, int]:
-    return {str(p): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file() and not p.name.endswith(".lock")}
+    return {
+        str(p): p.stat().st_mtime_ns
+        for p in folder.rglob("*")
+        if p.is_file() and not p.name.endswith(".lock")
+    }
 
 
 # --- packing --------------------------------------------------------------------------------------------
+
 
 def test_blocks_are_the_token_stream_shifted_with_one_token_overlap(tmp_path):
     train, val = documents(10), documents(3, seed=1)
@@ -91,9 +116,13 @@ def test_blocks_are_the_token_stream_shifted_with_one_token_overlap(tmp_path):
         # documents are separated by eos, in order; only the final partial block is missing
         assert tok.decode(expected).split(EOS)[:-1] == texts
         s = data.summary[split]
-        assert s == SplitSummary(documents=len(texts), bytes=sum(len(t.encode()) for t in texts),
-                                 tokens=len(expected), blocks=(len(expected) - 1) // BLOCK,
-                                 dropped_tokens=len(expected) - len(stream))
+        assert s == SplitSummary(
+            documents=len(texts),
+            bytes=sum(len(t.encode()) for t in texts),
+            tokens=len(expected),
+            blocks=(len(expected) - 1) // BLOCK,
+            dropped_tokens=len(expected) - len(stream),
+        )
         assert len(x) == s.blocks and 0 <= s.dropped_tokens < BLOCK
         assert s.bytes_per_token == pytest.approx(s.bytes / s.tokens)
     assert "validation" in format_summary(data.summary)
@@ -111,19 +140,26 @@ def test_held_out_documents_are_whole_seeded_and_disjoint(tmp_path):
         seen[split] = {doc.split(".")[0] for doc in decoded.split(EOS) if doc.startswith("Document")}
     assert not seen["train"] & seen["validation"]
     assert len(seen["validation"]) == 4 and len(seen["train"] | seen["validation"]) == 20
-    again = prepare_data(config(tmp_path / "other", train_files=cfg.train_files, validation_split_percentage=20))
-    assert torch.equal(again.validation[:]["input_ids"], data.validation[:]["input_ids"])  # same seed, same split
+    again = prepare_data(
+        config(tmp_path / "other", train_files=cfg.train_files, validation_split_percentage=20)
+    )
+    assert torch.equal(
+        again.validation[:]["input_ids"], data.validation[:]["input_ids"]
+    )  # same seed, same split
 
 
 def test_structured_files_use_text_column(tmp_path):
     texts = documents(6)
-    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"body": t, "id": i}) + "\n" for i, t in enumerate(texts[:2])))
+    (tmp_path / "a.jsonl").write_text(
+        "".join(json.dumps({"body": t, "id": i}) + "\n" for i, t in enumerate(texts[:2]))
+    )
     Dataset.from_dict({"body": texts[2:4]}).to_csv(tmp_path / "b.csv")
     Dataset.from_dict({"body": texts[4:], "n": [1, 2]}).to_parquet(tmp_path / "c.parquet")
     (tmp_path / "v.json").write_text(json.dumps([{"body": t} for t in documents(2, seed=3)]))
     files = [str(tmp_path / n) for n in ("a.jsonl", "b.csv", "c.parquet")]
-    data = prepare_data(config(tmp_path, train_files=files, validation_files=[str(tmp_path / "v.json")],
-                               text_column="body"))
+    data = prepare_data(
+        config(tmp_path, train_files=files, validation_files=[str(tmp_path / "v.json")], text_column="body")
+    )
     x, y = blocks(data.train)
     expected = expected_stream(data.tokenizer, texts)
     assert torch.cat([x[0, :1], y.reshape(-1)]).tolist() == expected[: 1 + x.numel()]
@@ -133,8 +169,14 @@ def test_structured_files_use_text_column(tmp_path):
 def test_parallel_tokenization_gives_the_same_blocks(tmp_path):
     cfg = local_config(tmp_path, documents(8), documents(2, seed=1))
     one = prepare_data(cfg)
-    two = prepare_data(config(tmp_path, train_files=cfg.train_files, validation_files=cfg.validation_files,
-                              preprocessing_num_workers=2))
+    two = prepare_data(
+        config(
+            tmp_path,
+            train_files=cfg.train_files,
+            validation_files=cfg.validation_files,
+            preprocessing_num_workers=2,
+        )
+    )
     assert torch.equal(one.train[:]["input_ids"], two.train[:]["input_ids"])
     assert one.summary == two.summary
 
@@ -142,12 +184,17 @@ def test_parallel_tokenization_gives_the_same_blocks(tmp_path):
 def test_streaming_local_files_split_across_ranks(tmp_path):
     texts = [f"Document {i}: " + " ".join(f"d{i}w{j}" for j in range(60)) for i in range(6)]  # no shared text
     cfg = local_config(tmp_path, texts, documents(2, seed=1), streaming=True)
-    reference = prepare_data(config(tmp_path, train_files=cfg.train_files, validation_files=cfg.validation_files))
+    reference = prepare_data(
+        config(tmp_path, train_files=cfg.train_files, validation_files=cfg.validation_files)
+    )
     seen = []
     for rank in (0, 1):
         data = prepare_data(cfg, rank=rank, world_size=2)
         assert isinstance(data.train, IterableDataset) and isinstance(data.validation, Dataset)
-        assert data.summary["train"].tokens == 0 and data.summary["validation"] == reference.summary["validation"]
+        assert (
+            data.summary["train"].tokens == 0
+            and data.summary["validation"] == reference.summary["validation"]
+        )
         x, y = blocks(data.train)
         assert x.dtype == torch.int64 and torch.equal(x[:, 1:], y[:, :-1])
         seen.append({int(m) for row in x for m in re.findall(r"d(\d)w", data.tokenizer.decode(row))})
@@ -156,9 +203,22 @@ def test_streaming_local_files_split_across_ranks(tmp_path):
 
 # --- tokenizer ------------------------------------------------------------------------------------------
 
-ROUND_TRIP = ["Hello, world!", "  two leading spaces", "tabs\tand\r\nwindows\rline ends\n", "😀🎭👩‍👩‍👧 emoji",
-              "中文字符和日本語", "e\u0301 a\u0308 combining marks", "Ελληνικά العربية עברית", "\x00\x07 control",
-              "trailing  ", f"a literal {EOS} inside", "", " ", "\u200b zero width", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 outside the BMP"]
+ROUND_TRIP = [
+    "Hello, world!",
+    "  two leading spaces",
+    "tabs\tand\r\nwindows\rline ends\n",
+    "😀🎭👩‍👩‍👧 emoji",
+    "中文字符和日本語",
+    "e\u0301 a\u0308 combining marks",
+    "Ελληνικά العربية עברית",
+    "\x00\x07 control",
+    "trailing  ",
+    f"a literal {EOS} inside",
+    "",
+    " ",
+    "\u200b zero width",
+    "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 outside the BMP",
+]
 
 
 def test_tokenizer_round_trips_any_unicode(tmp_path):
@@ -177,12 +237,15 @@ def test_tokenizer_round_trips_any_unicode(tmp_path):
 
 def test_tokenizer_name_loads_a_local_folder(tmp_path):
     train_bpe(documents(20), 280).save_pretrained(tmp_path / "tok")
-    data = prepare_data(local_config(tmp_path, documents(6), documents(2, seed=1), tokenizer_name=str(tmp_path / "tok")))
+    data = prepare_data(
+        local_config(tmp_path, documents(6), documents(2, seed=1), tokenizer_name=str(tmp_path / "tok"))
+    )
     assert len(data.tokenizer) == 280
     assert not (tmp_path / "cache" / "tokenizers").exists()  # nothing trained
 
 
 # --- caching --------------------------------------------------------------------------------------------
+
 
 def test_second_preparation_reuses_every_cache(tmp_path, monkeypatch):
     cfg = local_config(tmp_path, documents(8), documents(2, seed=1))
@@ -199,10 +262,26 @@ def test_second_preparation_reuses_every_cache(tmp_path, monkeypatch):
     assert second.validation.cache_files == first.validation.cache_files
     assert cache_state(tmp_path / "cache") == before  # no new or rewritten file: every map was a cache hit
     # ...and in a fresh process, through the command line (a different __main__: the fingerprints must not care)
-    args = ["--train_files", cfg.train_files[0], "--validation_files", cfg.validation_files[0], "--vocab_size", "300",
-            "--block_size", str(BLOCK), "--cache_dir", cfg.cache_dir]
-    proc = subprocess.run([sys.executable, "-m", "recipe.data", *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "HF_DATASETS_OFFLINE": "1"}, timeout=300)
+    args = [
+        "--train_files",
+        cfg.train_files[0],
+        "--validation_files",
+        cfg.validation_files[0],
+        "--vocab_size",
+        "300",
+        "--block_size",
+        str(BLOCK),
+        "--cache_dir",
+        cfg.cache_dir,
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "recipe.data", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_DATASETS_OFFLINE": "1"},
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Tokenizing" not in proc.stderr and "bytes/token" in proc.stdout
     assert cache_state(tmp_path / "cache") == before
@@ -217,6 +296,7 @@ def test_changed_file_is_read_again(tmp_path):
 
 
 # --- the default corpus ---------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="session")
 def shakespeare():
@@ -275,9 +355,12 @@ def test_default_corpus_checksum_is_verified(tmp_path, monkeypatch):
 
 # --- bad input: a ConfigError naming the key, before any training -----------------------------------------
 
+
 def test_undecodable_bytes_are_replaced_with_a_warning(tmp_path):
     cfg = local_config(tmp_path, documents(4), documents(2, seed=1))
-    (tmp_path / "train" / "bad.txt").write_bytes(b"Document bad \xff\xfe ok \xc3 end " + documents(1)[0].encode())
+    (tmp_path / "train" / "bad.txt").write_bytes(
+        b"Document bad \xff\xfe ok \xc3 end " + documents(1)[0].encode()
+    )
     with pytest.warns(UnicodeWarning, match=r"bad\.txt: 3 byte"):
         data = prepare_data(cfg)
     assert data.summary["train"].documents == 5
@@ -295,8 +378,14 @@ BAD = {
     "empty_corpus": ({"train": ["", "  \n\n "]}, "train_files: the training corpus is empty"),
     "blank_validation": ({"validation": [" "]}, "validation_files: the validation split is empty"),
     "train_shorter_than_a_block": ({"block_size": 4096}, "train_files: .* block_size"),
-    "validation_shorter_than_a_block": ({"validation": ["tiny"], "block_size": 64}, "validation_files: .* block_size"),
-    "nothing_to_hold_out": ({"train": ["one document only " * 50], "validation": None}, "validation_split_percentage"),
+    "validation_shorter_than_a_block": (
+        {"validation": ["tiny"], "block_size": 64},
+        "validation_files: .* block_size",
+    ),
+    "nothing_to_hold_out": (
+        {"train": ["one document only " * 50], "validation": None},
+        "validation_split_percentage",
+    ),
     "both_sources": ({"dataset_name": "someone/corpus"}, "dataset_name"),
     "same_file_in_both": ({"validation_files": "TRAIN"}, "validation_files: .* also in train_files"),
     "vocab_too_small": ({"vocab_size": 100}, "vocab_size"),
@@ -330,8 +419,14 @@ def test_structured_file_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="text_column: 'text' is not a column of .*a.jsonl.*content"):
         prepare_data(config(tmp_path, train_files=[val], validation_files=[val]))
     with pytest.raises(ConfigError, match="train_files: cannot read .*broken.jsonl"):
-        prepare_data(config(tmp_path, train_files=[str(tmp_path / "broken.jsonl")], validation_files=[val],
-                            text_column="content"))
+        prepare_data(
+            config(
+                tmp_path,
+                train_files=[str(tmp_path / "broken.jsonl")],
+                validation_files=[val],
+                text_column="content",
+            )
+        )
 
 
 def test_block_size_beyond_the_positions_is_refused():
@@ -340,8 +435,21 @@ def test_block_size_beyond_the_positions_is_refused():
 
 
 def test_command_line_reports_config_errors_without_a_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "recipe.data", "--train_files", str(tmp_path / "none*.txt"),
-                           "--cache_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "recipe.data",
+            "--train_files",
+            str(tmp_path / "none*.txt"),
+            "--cache_dir",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert "error: train_files:" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -373,10 +481,14 @@ def test_dataset_name_without_validation_split(tmp_path):
     data = prepare_data(config(tmp_path, dataset_name=str(repo), validation_split_percentage=10))
     assert (data.summary["train"].documents, data.summary["validation"].documents) == (18, 2)
     # streamed, the head of the stream is held out when the dataset says how many documents it has...
-    streamed = prepare_data(config(tmp_path, dataset_name=str(repo), validation_split_percentage=10, streaming=True))
+    streamed = prepare_data(
+        config(tmp_path, dataset_name=str(repo), validation_split_percentage=10, streaming=True)
+    )
     assert streamed.summary["validation"].documents == 2
     # ...and a clear error when it does not (here: a fresh cache, so the local folder has no recorded size)
-    with pytest.raises(ConfigError, match="validation_split_percentage: the number of documents in the stream"):
+    with pytest.raises(
+        ConfigError, match="validation_split_percentage: the number of documents in the stream"
+    ):
         prepare_data(config(tmp_path / "fresh", dataset_name=str(repo), streaming=True))
     with pytest.raises(ConfigError, match="dataset_name: cannot load"):
         prepare_data(config(tmp_path, dataset_name=str(tmp_path / "no-such-dataset")))

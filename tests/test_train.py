@@ -18,8 +18,13 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-       "OMP_NUM_THREADS": "1"}
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "OMP_NUM_THREADS": "1",
+}
 QUIET = ["--report_to", "none", "--sample_max_new_tokens", "0"]
 
 
@@ -29,15 +34,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(out: Path, *args: str, processes: int = 1, check: bool = True, **popen) -> subprocess.CompletedProcess:
+def launch(
+    out: Path, *args: str, processes: int = 1, check: bool = True, **popen
+) -> subprocess.CompletedProcess:
     """`accelerate launch` with `processes` CPU processes (gloo; `--cpu --num_processes 2` would start one)."""
     dist = ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--num_processes", "1"]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "-q", *dist, "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           str(ROOT / "recipe" / "train.py"), "--config", TINY, "--output_dir", str(out), *QUIET, *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "-q",
+        *dist,
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        str(ROOT / "recipe" / "train.py"),
+        "--config",
+        TINY,
+        "--output_dir",
+        str(out),
+        *QUIET,
+        *args,
+    ]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600, **popen)
     if check and proc.returncode != 0:
-        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        raise AssertionError(
+            f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
     return proc
 
 
@@ -55,8 +83,21 @@ def max_weight_diff(a: Path, b: Path) -> float:
 def full_run(tmp_path_factory) -> Path:
     """20 uninterrupted steps, keeping every checkpoint: the reference for resume, and the output checks."""
     out = tmp_path_factory.mktemp("full")
-    launch(out, "--max_steps", "20", "--save_steps", "10", "--eval_steps", "10", "--logging_steps", "5",
-           "--save_total_limit", "none", "--sample_max_new_tokens", "20")
+    launch(
+        out,
+        "--max_steps",
+        "20",
+        "--save_steps",
+        "10",
+        "--eval_steps",
+        "10",
+        "--logging_steps",
+        "5",
+        "--save_total_limit",
+        "none",
+        "--sample_max_new_tokens",
+        "20",
+    )
     return out
 
 
@@ -72,16 +113,36 @@ def test_loss_falls_on_tiny_data(full_run):
 
 
 def test_output_folder_is_a_complete_hf_model(full_run):
-    expected = ["config.json", "model.safetensors", "modeling_gpt.py", "configuration_gpt.py", "tokenizer.json",
-                "tokenizer_config.json", "generation_config.json", "README.md", "all_results.json",
-                "metrics.jsonl", "loss.png", "lr.png", "run_config.yaml"]
+    expected = [
+        "config.json",
+        "model.safetensors",
+        "modeling_gpt.py",
+        "configuration_gpt.py",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "README.md",
+        "all_results.json",
+        "metrics.jsonl",
+        "loss.png",
+        "lr.png",
+        "run_config.yaml",
+    ]
     missing = [f for f in expected if not (full_run / f).is_file()]
     assert not missing, missing
     config = json.loads((full_run / "config.json").read_text())
     assert "AutoModelForCausalLM" in config["auto_map"]
     results = json.loads((full_run / "all_results.json").read_text())
-    for key in ["train_loss", "eval_loss", "perplexity", "eval_bits_per_byte", "train_tokens", "train_runtime",
-                "train_tokens_per_second", "global_step"]:
+    for key in [
+        "train_loss",
+        "eval_loss",
+        "perplexity",
+        "eval_bits_per_byte",
+        "train_tokens",
+        "train_runtime",
+        "train_tokens_per_second",
+        "global_step",
+    ]:
         assert key in results, key
     assert results["global_step"] == 20
     card = (full_run / "README.md").read_text()
@@ -98,8 +159,9 @@ def test_output_loads_with_pipeline_where_recipe_cannot_be_imported(full_run, tm
         "print(type(pipe.model).__module__)\n"
     )
     env = {**ENV, "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
-    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "transformers_modules" in proc.stdout
 
@@ -109,8 +171,21 @@ def test_resume_from_mid_run_checkpoint_gives_the_same_weights(full_run, tmp_pat
     out = tmp_path / "resumed"
     out.mkdir()
     subprocess.run(["cp", "-r", str(full_run / "checkpoint-10"), str(out)], check=True)
-    launch(out, "--max_steps", "20", "--save_steps", "10", "--eval_steps", "10", "--logging_steps", "5",
-           "--save_total_limit", "none", "--resume_from_checkpoint", "latest")
+    launch(
+        out,
+        "--max_steps",
+        "20",
+        "--save_steps",
+        "10",
+        "--eval_steps",
+        "10",
+        "--logging_steps",
+        "5",
+        "--save_total_limit",
+        "none",
+        "--resume_from_checkpoint",
+        "latest",
+    )
     assert max_weight_diff(out, full_run) < 1e-6
     again = json.loads((out / "all_results.json").read_text())
     first = json.loads((full_run / "all_results.json").read_text())
@@ -119,7 +194,16 @@ def test_resume_from_mid_run_checkpoint_gives_the_same_weights(full_run, tmp_pat
 
 
 def test_two_processes_equal_one_process_with_accumulation(tmp_path):
-    common = ["--max_steps", "6", "--per_device_train_batch_size", "4", "--eval_steps", "6", "--save_steps", "100"]
+    common = [
+        "--max_steps",
+        "6",
+        "--per_device_train_batch_size",
+        "4",
+        "--eval_steps",
+        "6",
+        "--save_steps",
+        "100",
+    ]
     launch(tmp_path / "two", *common, "--gradient_accumulation_steps", "1", processes=2)
     launch(tmp_path / "one", *common, "--gradient_accumulation_steps", "2", processes=1)
     assert max_weight_diff(tmp_path / "two", tmp_path / "one") < 1e-4
@@ -131,10 +215,26 @@ def test_two_processes_equal_one_process_with_accumulation(tmp_path):
 
 def test_sigterm_leaves_a_resumable_checkpoint(tmp_path):
     out = tmp_path / "stopped"
-    cmd = [sys.executable, str(ROOT / "recipe" / "train.py"), "--config", TINY, "--output_dir", str(out), *QUIET,
-           "--max_steps", "100000", "--save_steps", "100000", "--logging_steps", "1", "--eval_steps", "100000"]
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    cmd = [
+        sys.executable,
+        str(ROOT / "recipe" / "train.py"),
+        "--config",
+        TINY,
+        "--output_dir",
+        str(out),
+        *QUIET,
+        "--max_steps",
+        "100000",
+        "--save_steps",
+        "100000",
+        "--logging_steps",
+        "1",
+        "--eval_steps",
+        "100000",
+    ]
+    proc = subprocess.Popen(
+        cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     deadline = time.time() + 300
     while not (out / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.5)
@@ -145,20 +245,104 @@ def test_sigterm_leaves_a_resumable_checkpoint(tmp_path):
     assert len(checkpoints) == 1 and not list(out.glob("tmp-checkpoint-*")), stderr[-2000:]
     assert "--resume_from_checkpoint latest" in stdout + stderr
     stopped_at = json.loads((checkpoints[0] / "trainer_state.json").read_text())["global_step"]
-    launch(out, "--max_steps", str(stopped_at + 2), "--save_steps", "100000", "--eval_steps", "100000",
-           "--resume_from_checkpoint", "latest")
+    launch(
+        out,
+        "--max_steps",
+        str(stopped_at + 2),
+        "--save_steps",
+        "100000",
+        "--eval_steps",
+        "100000",
+        "--resume_from_checkpoint",
+        "latest",
+    )
     assert json.loads((out / "all_results.json").read_text())["global_step"] == stopped_at + 2
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--learning_rat", "1e-3"], "unknown configuration key(s): 'learning_rat'"),
-    (["--max_steps", "many"], "max_steps expects an integer"),
-    (["--train_files", "/nonexistent/*.txt"], "train_files"),
-])
+def test_generate_cli_samples_and_rejects_bad_arguments(full_run):
+    gen = [
+        sys.executable,
+        "-m",
+        "recipe.generate",
+        "--model",
+        str(full_run),
+        "--prompt",
+        "Romeo.",
+        "--max_new_tokens",
+        "12",
+        "--seed",
+        "1",
+    ]
+    proc = subprocess.run(gen + ["--temperature", "0"], env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("Romeo.") and len(proc.stdout.strip()) > len("Romeo."), proc.stdout
+    proc = subprocess.run(
+        gen + ["--num_return_sequences", "2", "--top_p", "0.9"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0 and proc.stdout.count("--- sample") == 2, proc.stderr[-2000:]
+    for bad, message in [
+        (["--temperature", "-1"], "--temperature must be >= 0"),
+        (["--top_p", "1.5"], "--top_p must be in (0, 1]"),
+        (["--model", str(full_run / "checkpoint-10" / "..") + "/nope"], "cannot load"),
+    ]:
+        proc = subprocess.run(gen + bad, env=ENV, capture_output=True, text=True, timeout=300)
+        assert proc.returncode != 0 and message in proc.stderr, (bad, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr
+
+
+def test_non_finite_loss_stops_the_run_and_names_the_step(tmp_path):
+    proc = launch(
+        tmp_path,
+        "--learning_rate",
+        "1e30",
+        "--max_steps",
+        "20",
+        "--logging_steps",
+        "1",
+        "--save_steps",
+        "100",
+        "--eval_steps",
+        "100",
+        check=False,
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Loss became NaN or infinite at step" in proc.stdout + proc.stderr
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["--push_to_hub", "true", "--hub_model_id", "someone/gpt"],
+            "push_to_hub is true but the Hub is not usable",
+        ),
+        (["--learning_rat", "1e-3"], "unknown configuration key(s): 'learning_rat'"),
+        (["--max_steps", "many"], "max_steps expects an integer"),
+        (["--train_files", "/nonexistent/*.txt"], "train_files"),
+    ],
+)
 def test_bad_config_is_a_clear_error_not_a_traceback(tmp_path, args, message):
-    proc = subprocess.run([sys.executable, str(ROOT / "recipe" / "train.py"), "--config", TINY,
-                           "--output_dir", str(tmp_path), *QUIET, *args],
-                          env=ENV, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "recipe" / "train.py"),
+            "--config",
+            TINY,
+            "--output_dir",
+            str(tmp_path),
+            *QUIET,
+            *args,
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
