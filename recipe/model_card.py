@@ -49,7 +49,7 @@ def write_model_card(
         f"# {name}",
         "",
         f"A GPT ({results['num_parameters'] / 1e6:.2f}M parameters, GPT-2 architecture: pre-LayerNorm, learned "
-        "positions, tied embeddings) pretrained from scratch with [gpt-recipe](https://github.com/) "
+        "positions, tied embeddings) pretrained from scratch with gpt-recipe "
         "on " + data.source + ".",
         "",
         "## Results",
@@ -71,7 +71,7 @@ def write_model_card(
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         f'tok = AutoTokenizer.from_pretrained("{name}", trust_remote_code=True)',
         f'model = AutoModelForCausalLM.from_pretrained("{name}", trust_remote_code=True)',
-        'ids = tok("ROMEO:", return_tensors="pt").input_ids',
+        'ids = tok("Romeo.", return_tensors="pt").input_ids',
         "print(tok.decode(model.generate(ids, max_new_tokens=100, do_sample=True, top_k=200)[0]))",
         "```",
         "",

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import GradientAccumulationPlugin, TorchDynamoPlugin, set_seed
+from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, TorchDynamoPlugin, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import (
@@ -273,7 +273,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             num_steps=cfg.gradient_accumulation_steps, sync_with_dataloader=False
         ),  # windows span epochs
         log_with=None if cfg.report_to == "none" else cfg.report_to,
-        project_dir=str(output_dir),
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / "runs")
+        ),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         dynamo_plugin=TorchDynamoPlugin(backend="inductor") if cfg.torch_compile else None,
     )
