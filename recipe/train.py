@@ -410,7 +410,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            tokens_since_log += batch["input_ids"].numel() * accelerator.num_processes
+        window_tokens = (
+            sum(b["input_ids"].numel() for _, b in window) * accelerator.num_processes
+        )  # shapes: no sync
+        tokens_since_log += window_tokens
+        state["tokens_seen"] += window_tokens
 
         state["global_step"] += 1
         steps_since_log += 1
@@ -422,7 +426,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         is_eval = step % cfg.eval_steps == 0 or step == cfg.max_steps
         is_save = step % cfg.save_steps == 0
         if is_log or is_eval or is_save or stop.received:
-            bad = int(first_bad_step.item())
+            # Every process must agree to stop, or the ones that go on hang in the next collective.
+            bad = int(accelerator.gather(first_bad_step.view(1)).max().item())
             if bad > 0:
                 accelerator.print(
                     f"\nLoss became NaN or infinite at step {bad}; stopping. The last good "
@@ -436,7 +441,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 accelerator.reduce(loss_sum, "sum") if accelerator.num_processes > 1 else loss_sum
             ).item() / steps_since_log
             tok_s = tokens_since_log / elapsed
-            state["tokens_seen"] += tokens_since_log
             row = {
                 "step": step,
                 "epoch": epoch,
@@ -454,6 +458,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             loss_sum.zero_()
             steps_since_log, tokens_since_log, t_log = 0, 0, time.perf_counter()
         if is_eval:
+            t_eval = time.perf_counter()
             # The final evaluation scores the whole validation split; the ones along the way may sample it.
             max_batches = None if step == cfg.max_steps else cfg.max_eval_batches
             last_eval = evaluate(
@@ -465,7 +470,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 f"step {step}: eval loss {last_eval['eval_loss']:.4f}, "
                 f"ppl {last_eval['perplexity']:.2f}, bpb {last_eval['eval_bits_per_byte']:.4f}"
             )
-            t_log = time.perf_counter()  # evaluation time is not training throughput
+            t_log += time.perf_counter() - t_eval  # evaluation time is not training throughput
         state["train_runtime"] = runtime_before + time.perf_counter() - t_start
         stopping = stop_requested(stop, accelerator)
         if is_save or (stopping and step < cfg.max_steps):
