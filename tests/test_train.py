@@ -79,25 +79,16 @@ def max_weight_diff(a: Path, b: Path) -> float:
     return max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
 
 
+# 20 steps, a checkpoint every 10 kept: the uninterrupted reference and the resumed run use the same settings.
+FULL_RUN = ["--max_steps", "20", "--save_steps", "10", "--eval_steps", "10", "--logging_steps", "5",
+            "--save_total_limit", "none"]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory) -> Path:
     """20 uninterrupted steps, keeping every checkpoint: the reference for resume, and the output checks."""
     out = tmp_path_factory.mktemp("full")
-    launch(
-        out,
-        "--max_steps",
-        "20",
-        "--save_steps",
-        "10",
-        "--eval_steps",
-        "10",
-        "--logging_steps",
-        "5",
-        "--save_total_limit",
-        "none",
-        "--sample_max_new_tokens",
-        "20",
-    )
+    launch(out, *FULL_RUN, "--sample_max_new_tokens", "20")
     return out
 
 
@@ -171,21 +162,7 @@ def test_resume_from_mid_run_checkpoint_gives_the_same_weights(full_run, tmp_pat
     out = tmp_path / "resumed"
     out.mkdir()
     subprocess.run(["cp", "-r", str(full_run / "checkpoint-10"), str(out)], check=True)
-    launch(
-        out,
-        "--max_steps",
-        "20",
-        "--save_steps",
-        "10",
-        "--eval_steps",
-        "10",
-        "--logging_steps",
-        "5",
-        "--save_total_limit",
-        "none",
-        "--resume_from_checkpoint",
-        "latest",
-    )
+    launch(out, *FULL_RUN, "--resume_from_checkpoint", "latest")
     assert max_weight_diff(out, full_run) < 1e-6
     again = json.loads((out / "all_results.json").read_text())
     first = json.loads((full_run / "all_results.json").read_text())
