@@ -296,12 +296,18 @@ def main(argv: list[str] | None = None) -> str:
         f"interleaved rounds of {args.steps} steps. Command: `make bench`.",
         "",
     ]
-    if "models" not in args.skip:
-        lines += bench_models(cfg, vocab, args, peak)
-    if "loop" not in args.skip:
-        lines += bench_loop(cfg, args.config, vocab, args)
-    if "tokenization" not in args.skip:
-        lines += bench_tokenization(args.config)
+    sections = {
+        "models": lambda: bench_models(cfg, vocab, args, peak),
+        "loop": lambda: bench_loop(cfg, args.config, vocab, args),
+        "tokenization": lambda: bench_tokenization(args.config),
+    }
+    started = time.perf_counter()
+    for name, run in sections.items():
+        if name not in args.skip:
+            t = time.perf_counter()
+            lines += run()
+            print(f"[bench] {name}: {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    lines.append(f"_Whole benchmark: {time.perf_counter() - started:.0f} s._\n")
     text = "\n".join(lines)
     print(text)
     with open(args.output, "a") as f:
