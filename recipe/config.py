@@ -247,6 +247,9 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
 
 def load_config(argv: list[str] | None = None, config_file: str | None = None) -> RunConfig:
     """Read `--config FILE` (YAML) and apply the remaining `--key value` overrides on top of it."""
+    if any(a in ("-h", "--help") for a in argv or []):
+        print(config_help())
+        raise SystemExit(0)
     overrides = parse_overrides(list(argv or []))
     config_file = overrides.pop("config", config_file)
     values: dict[str, Any] = {}
@@ -269,3 +272,15 @@ def load_config(argv: list[str] | None = None, config_file: str | None = None) -
 
 def config_summary(cfg: RunConfig) -> str:
     return json.dumps(cfg.to_dict(), indent=2)
+
+
+def config_help() -> str:
+    """Every key with its type and default: what `--help` prints."""
+    lines = [
+        "usage: --config FILE.yaml [--key value ...]   (every key below can be set in the YAML or overridden)",
+        "",
+    ]
+    for f in dataclasses.fields(RunConfig):
+        kind = str(_FIELD_TYPES[f.name]).replace("typing.", "").replace("<class '", "").replace("'>", "")
+        lines.append(f"  --{f.name:<30} {kind:<18} default: {f.default!r}")
+    return "\n".join(lines)

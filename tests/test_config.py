@@ -74,3 +74,12 @@ def test_saved_config_loads_back(tmp_path):
     cfg.save(tmp_path / "run.yaml")
     again = load_config(["--config", str(tmp_path / "run.yaml")])
     assert again == cfg and isinstance(again, RunConfig)
+
+
+def test_help_lists_every_key(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_config(["--config", "whatever.yaml", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for key in ("learning_rate", "per_device_train_batch_size", "resume_from_checkpoint", "train_files"):
+        assert f"--{key} " in out
