@@ -29,6 +29,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from recipe import GPTConfig, GPTForCausalLM
 from recipe.config import RunConfig, load_config
+from recipe.export import gpt2_state_dict_from
 from recipe.metrics import flops_per_token, measure_matmul_peak
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,7 +152,7 @@ def bench_models(cfg: RunConfig, vocab: int, args, peak: float) -> list[str]:
     stock = StepBench(build_stock(cfg, vocab), cfg, vocab, shifted=False)
     stock_tanh = StepBench(build_stock(cfg, vocab, "gelu_pytorch_tanh"), cfg, vocab, shifted=False)
     for b in (stock, stock_tanh):  # the same starting point
-        b.model.load_state_dict(_to_gpt2_state(ours.model.state_dict()), strict=False)
+        b.model.load_state_dict(gpt2_state_dict_from(ours.model.state_dict()), strict=False)
     for b in (ours, stock, stock_tanh):
         b.run(2)  # warm-up
     res = interleave(
@@ -185,12 +186,6 @@ def bench_models(cfg: RunConfig, vocab: int, args, peak: float) -> list[str]:
     )
     out += section("Our model: attention, compile, precision", res, "sdpa", flops, peak)
     return out
-
-
-def _to_gpt2_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our nn.Linear weights are the transpose of GPT-2's Conv1D weights; names are the same."""
-    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-    return {k: (v.t() if k.endswith(conv1d) else v) for k, v in state.items()}
 
 
 def bench_loop(cfg: RunConfig, config_path: str, vocab: int, args) -> list[str]:
