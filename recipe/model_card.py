@@ -60,7 +60,8 @@ def write_model_card(
         table,
         "",
         f"Trained for {results['global_step']} optimizer steps on {results['train_tokens']:,} tokens "
-        f"({train.tokens:,} tokens in the training split) in {results['train_runtime']:.0f} s "
+        + (f"({train.tokens:,} tokens in the training split) " if train.tokens else "(streamed) ")
+        + f"in {results['train_runtime']:.0f} s "
         f"({results['train_tokens_per_second']:,.0f} tokens/s).",
         "",
         "![loss](loss.png)",

@@ -472,8 +472,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             )
             t_log += time.perf_counter() - t_eval  # evaluation time is not training throughput
         state["train_runtime"] = runtime_before + time.perf_counter() - t_start
-        stopping = stop_requested(stop, accelerator)
-        if is_save or (stopping and step < cfg.max_steps):
+        stopping = stop_requested(stop, accelerator) and step < cfg.max_steps  # at the end: just finish
+        if is_save or stopping:
             path = save_checkpoint(accelerator, cfg, state)
             if stopping:
                 progress.close()
@@ -482,9 +482,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                     if argv is None
                     else f"recipe/train.py {' '.join(argv)}"
                 )
+                launcher = (
+                    "accelerate launch <the same launch options> "
+                    if accelerator.num_processes > 1
+                    else "python "
+                )
                 accelerator.print(
                     f"\nStopped by signal at step {step}; saved {path}.\n"
-                    f"Resume with: python {resume} --resume_from_checkpoint latest"
+                    f"Resume with: {launcher}{resume} --resume_from_checkpoint latest"
                 )
                 accelerator.end_training()
                 sys.exit(128 + (stop.received or signal.SIGTERM))

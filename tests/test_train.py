@@ -34,12 +34,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(
-    out: Path, *args: str, processes: int = 1, check: bool = True, **popen
-) -> subprocess.CompletedProcess:
+def launch_command(out: Path, *args: str, processes: int = 1) -> list[str]:
     """`accelerate launch` with `processes` CPU processes (gloo; `--cpu --num_processes 2` would start one)."""
     dist = ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--num_processes", "1"]
-    cmd = [
+    launcher = [
         sys.executable,
         "-m",
         "accelerate.commands.launch",
@@ -53,15 +51,13 @@ def launch(
         "no",
         "--main_process_port",
         str(free_port()),
-        str(ROOT / "recipe" / "train.py"),
-        "--config",
-        TINY,
-        "--output_dir",
-        str(out),
-        *QUIET,
-        *args,
     ]
-    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600, **popen)
+    return [*launcher, str(ROOT / "recipe" / "train.py"), "--config", TINY, "--output_dir", str(out), *QUIET, *args]  # fmt: skip
+
+
+def launch(out: Path, *args: str, processes: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(launch_command(out, *args, processes=processes), env=ENV, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
     if check and proc.returncode != 0:
         raise AssertionError(
             f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
@@ -190,16 +186,10 @@ def test_two_processes_equal_one_process_with_accumulation(tmp_path):
     assert two["train_tokens"] == one["train_tokens"]
 
 
-def test_sigterm_leaves_a_resumable_checkpoint(tmp_path):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sigterm_leaves_a_resumable_checkpoint(tmp_path, processes):
     out = tmp_path / "stopped"
-    cmd = [
-        sys.executable,
-        str(ROOT / "recipe" / "train.py"),
-        "--config",
-        TINY,
-        "--output_dir",
-        str(out),
-        *QUIET,
+    endless = [
         "--max_steps",
         "100000",
         "--save_steps",
@@ -209,6 +199,11 @@ def test_sigterm_leaves_a_resumable_checkpoint(tmp_path):
         "--eval_steps",
         "100000",
     ]
+    if processes == 1:  # plain python: the exit status is ours
+        cmd = [sys.executable, str(ROOT / "recipe" / "train.py"), "--config", TINY, "--output_dir", str(out),
+               *QUIET, *endless]  # fmt: skip
+    else:  # the launcher's process group gets the signal, as a cluster scheduler sends it
+        cmd = launch_command(out, *endless, processes=processes)
     proc = subprocess.Popen(
         cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
@@ -217,22 +212,15 @@ def test_sigterm_leaves_a_resumable_checkpoint(tmp_path):
         time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    if processes == 1:
+        assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     checkpoints = sorted(out.glob("checkpoint-*"))
     assert len(checkpoints) == 1 and not list(out.glob("tmp-checkpoint-*")), stderr[-2000:]
+    assert all((checkpoints[0] / f"random_states_{rank}.pkl").is_file() for rank in range(processes))
     assert "--resume_from_checkpoint latest" in stdout + stderr
     stopped_at = json.loads((checkpoints[0] / "trainer_state.json").read_text())["global_step"]
-    launch(
-        out,
-        "--max_steps",
-        str(stopped_at + 2),
-        "--save_steps",
-        "100000",
-        "--eval_steps",
-        "100000",
-        "--resume_from_checkpoint",
-        "latest",
-    )
+    launch(out, "--max_steps", str(stopped_at + 2), "--save_steps", "100000", "--eval_steps", "100000",
+           "--resume_from_checkpoint", "latest", processes=processes)  # fmt: skip
     assert json.loads((out / "all_results.json").read_text())["global_step"] == stopped_at + 2
 
 
