@@ -9,6 +9,7 @@ Reads top to bottom: configuration, accelerator, data, model, optimizer and sche
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -262,6 +263,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         )
     if cfg.push_to_hub:
         check_hub_access(cfg)
+    for tracker in {"wandb": ["wandb"], "trackio": ["trackio"], "all": []}.get(cfg.report_to, []):
+        if importlib.util.find_spec(tracker) is None:  # accelerate would silently log nowhere
+            raise ConfigError(
+                f"report_to is {cfg.report_to} but {tracker} is not installed: "
+                f"`pip install {tracker}`, or --report_to tensorboard / none"
+            )
 
     # --- accelerator
     accelerator = Accelerator(

@@ -290,6 +290,7 @@ def test_non_finite_loss_stops_the_run_and_names_the_step(tmp_path):
         ),
         (["--learning_rat", "1e-3"], "unknown configuration key(s): 'learning_rat'"),
         (["--max_steps", "many"], "max_steps expects an integer"),
+        (["--report_to", "wandb"], "wandb is not installed"),
         (["--train_files", "/nonexistent/*.txt"], "train_files"),
     ],
 )
