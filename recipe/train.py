@@ -250,6 +250,30 @@ def evaluate(
     }
 
 
+def stop_requested(stop: StopSignal, accelerator: Accelerator) -> bool:
+    """Whether any process got a stop signal; all processes must agree, or the next collective hangs."""
+    if accelerator.num_processes == 1:
+        return stop.received is not None
+    flag = torch.tensor(float(stop.received is not None), device=accelerator.device)
+    return bool(accelerator.reduce(flag, "sum").item())
+
+
+@torch.no_grad()
+def write_sample(model, tokenizer, cfg: RunConfig) -> str | None:
+    if cfg.sample_max_new_tokens <= 0:
+        return None
+    model.eval()
+    ids = tokenizer(cfg.sample_prompt, return_tensors="pt").input_ids.to(model.device)
+    if ids.shape[1] == 0:
+        ids = torch.tensor([[tokenizer.eos_token_id]], device=model.device)
+    torch.manual_seed(cfg.seed)
+    room = model.config.max_position_embeddings - ids.shape[1]  # learned positions end at the context length
+    out = model.generate(
+        ids, max_new_tokens=min(cfg.sample_max_new_tokens, room), do_sample=True, temperature=0.8, top_k=200
+    )
+    return tokenizer.decode(out[0], skip_special_tokens=True)
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -357,8 +381,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         accelerator.print(f"Resumed from {checkpoint} at step {state['global_step']}")
     accum = cfg.gradient_accumulation_steps
     consumed = state["global_step"] * accum  # micro-batches per process
-    per_epoch = None if streaming else len(train_dl)
-    start_epoch, skip = (0, consumed) if streaming else divmod(consumed, per_epoch)
+    start_epoch, skip = (0, consumed) if streaming else divmod(consumed, len(train_dl))
     batches = micro_batches(train_dl, start_epoch, skip, accelerator)
 
     log = JsonlLog(output_dir / "metrics.jsonl", enabled=main_proc, keep_until_step=state["global_step"])
@@ -562,30 +585,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         )
         print(f"Pushed to https://huggingface.co/{cfg.hub_model_id}")
     return results
-
-
-def stop_requested(stop: StopSignal, accelerator: Accelerator) -> bool:
-    """Whether any process got a stop signal; all processes must agree, or the next collective hangs."""
-    if accelerator.num_processes == 1:
-        return stop.received is not None
-    flag = torch.tensor(float(stop.received is not None), device=accelerator.device)
-    return bool(accelerator.reduce(flag, "sum").item())
-
-
-@torch.no_grad()
-def write_sample(model, tokenizer, cfg: RunConfig) -> str | None:
-    if cfg.sample_max_new_tokens <= 0:
-        return None
-    model.eval()
-    ids = tokenizer(cfg.sample_prompt, return_tensors="pt").input_ids.to(model.device)
-    if ids.shape[1] == 0:
-        ids = torch.tensor([[tokenizer.eos_token_id]], device=model.device)
-    torch.manual_seed(cfg.seed)
-    room = model.config.max_position_embeddings - ids.shape[1]  # learned positions end at the context length
-    out = model.generate(
-        ids, max_new_tokens=min(cfg.sample_max_new_tokens, room), do_sample=True, temperature=0.8, top_k=200
-    )
-    return tokenizer.decode(out[0], skip_special_tokens=True)
 
 
 if __name__ == "__main__":
