@@ -1,24 +1,31 @@
-"""Load the corpus, tokenize it and pack it into shifted blocks: `python -m recipe.data --config X.yaml`.
+"""Load the corpus, tokenize it and cut shifted blocks: `python -m recipe.data --config X.yaml`.
 
 Sources, in order of precedence: a Hub dataset (`dataset_name`), local files (`train_files`, optional
 `validation_files`), else the default Shakespeare corpus (`recipe.corpus`). Plain text files are one document
 per file; `.json`/`.jsonl`/`.parquet`/`.csv` files are read by the matching `datasets` builder, one document
 per row of `text_column`. Without validation data, `validation_split_percentage` of the documents are held
-out whole (seeded), so no document is in both splits.
+out whole (seeded), so no document is in both splits; a stream holds out its first documents whose text
+hashes into that share, and every process and DataLoader worker skips those texts by their hash.
 
-Every document is followed by the eos token and the splits are concatenated into one token stream, which is
-cut into blocks of block_size + 1 tokens that overlap by one: block k covers stream positions
+Every document is followed by the eos token and a split is one token stream, stored once on disk (uint16
+where the vocabulary fits, else uint32; one arrow row per document, memory-mapped). Blocks are cut at load
+time as windows of block_size + 1 tokens that overlap by one: block k covers stream positions
 [k*B, k*B + B], `input_ids` = its first B tokens and `shift_labels` = its last B. So every token after the
-first is a target exactly once, and only the tail after the last full block is dropped (counted in the summary).
+first is a target exactly once, and only the tail after the last full block is dropped (counted in the
+summary). Nothing holds a whole split in memory, and no 32-bit offset spans a split.
 
-Each step is a `datasets` map whose result is cached by fingerprint under `<cache_dir>/datasets`: a rerun
-with the same inputs reads the cache instead of tokenizing again, in this or any other process.
+Tokenizing is a `datasets` map over all cores, cached by fingerprint under `<cache_dir>/datasets` (written
+under a temporary name and renamed): a rerun with the same inputs reads the cache instead of tokenizing
+again, in this or any other process, whatever the block_size.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import copy
 import glob
+import hashlib
 import inspect
 import itertools
 import logging
@@ -33,11 +40,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
+import torch
 from datasets import Dataset, Features, IterableDataset, List, Value, concatenate_datasets, load_dataset
 from datasets.distributed import split_dataset_by_node
 from datasets.fingerprint import Hasher
+from torch.utils.data import DataLoader, get_worker_info
+from torch.utils.data import Dataset as TorchDataset
+from torch.utils.data import IterableDataset as TorchIterableDataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerBase
 
 from recipe import corpus
@@ -54,11 +65,11 @@ BUILDERS = {
 }  # anything else: plain text
 TEXT = Value("large_string")  # 64-bit offsets: no 2 GiB limit on the text in one arrow chunk
 TEXT_FILE_FEATURES = Features({"text": TEXT, "path": Value("string"), "replaced": Value("int64")})
-STREAM_VALIDATION_MAX_DOCUMENTS = (
-    10_000  # a held-out head of a stream: enough for a stable loss, not 5% of the web
-)
-STREAM_PACK_DOCUMENTS = 1_000  # a stream is packed per this many documents (only each group's tail is lost)
+STREAM_VALIDATION_MAX_DOCUMENTS = 10_000  # a stream's hold-out: enough for a stable loss, not 5% of the web
 STREAM_SHUFFLE_BUFFER = 10_000  # blocks
+TOKENIZE_BATCH_DOCUMENTS = 256  # per map batch and per written arrow chunk: bounds a tokenizer's memory
+MIN_BYTES_PER_WORKER = 4 << 20  # less text than this tokenizes faster than a worker process starts
+HOLD_OUT_BUCKETS = 1_000_000  # a document is held out when the hash of its text falls in the first share
 
 
 @dataclass
@@ -78,8 +89,8 @@ class SplitSummary:
 @dataclass
 class PreparedData:
     tokenizer: PreTrainedTokenizerBase
-    train: Dataset | IterableDataset  # an IterableDataset when streaming, already split across ranks
-    validation: Dataset
+    train: TokenBlocks | PackedStream  # a PackedStream when streaming, already split across ranks
+    validation: TokenBlocks
     summary: dict[str, SplitSummary]  # "train" (all zeros when streaming) and "validation"
     source: str
 
@@ -90,21 +101,22 @@ def prepare_data(
     rank: int = 0,
     world_size: int = 1,
 ) -> PreparedData:
-    """Load, tokenize and pack both splits. Pass `accelerator.main_process_first` so the main process does
-    the work once and the others read its caches. `rank`/`world_size` only split a streamed train set;
-    a map-style train set is sharded by the DataLoader that accelerate prepares."""
+    """Load and tokenize both splits. Pass `accelerator.local_main_process_first` (a cache on each node's
+    disk: each node prepares once) or `accelerator.main_process_first` (one cache on a filesystem every node
+    shares), so one process does the work and the others read its caches. `rank`/`world_size` only split a
+    streamed train set; a map-style train set is sharded by the DataLoader that accelerate prepares."""
     cfg.validate()
     with main_process_first():
         splits, source, corpus_id = _load_documents(cfg)
         tokenizer = get_tokenizer(cfg, corpus_id, lambda: _texts(splits["train"]))
         if isinstance(splits["train"], IterableDataset):
-            train = _pack_stream(
-                split_dataset_by_node(splits["train"], rank=rank, world_size=world_size), tokenizer, cfg
-            )
+            # No datasets shuffle: its buffer reads ahead, and what it holds is lost on a resume.
+            docs = split_dataset_by_node(splits["train"], rank=rank, world_size=world_size)
+            train = PackedStream(docs, tokenizer, cfg.block_size, cfg.seed)
             train_summary = SplitSummary(0, 0, 0, 0, 0)
         else:
-            train, train_summary = _pack(splits["train"], tokenizer, cfg, "train", _key(cfg, "train"))
-        validation, summary = _pack(
+            train, train_summary = _blocks(splits["train"], tokenizer, cfg, "train", _key(cfg, "train"))
+        validation, summary = _blocks(
             splits["validation"], tokenizer, cfg, "validation", _key(cfg, "validation")
         )
     return PreparedData(tokenizer, train, validation, {"train": train_summary, "validation": summary}, source)
@@ -152,30 +164,31 @@ def _load_documents(cfg: RunConfig) -> tuple[dict, str, str]:
     if "validation" not in splits:
         splits["train"], splits["validation"] = _hold_out(train, cfg)
         corpus_id = Hasher.hash([corpus_id, cfg.validation_split_percentage, cfg.seed])
-        source += (
-            f"; validation: {cfg.validation_split_percentage:g}% of the documents held out (seed {cfg.seed})"
-        )
+        how = "by a hash of each text" if isinstance(train, IterableDataset) else f"seed {cfg.seed}"
+        source += f"; validation: {cfg.validation_split_percentage:g}% of the documents held out ({how})"
     if len(splits["validation"]) == 0:
         raise ConfigError(f"{_key(cfg, 'validation')}: the validation split is empty (no document with text)")
     return splits, source, corpus_id
 
 
 def _hold_out(train: Dataset | IterableDataset, cfg: RunConfig) -> tuple[Dataset | IterableDataset, Dataset]:
-    """Hold out whole documents: a seeded random share of a dataset, or the head of a stream."""
+    """Hold out whole documents: a seeded random share of a dataset; of a stream, the first documents whose
+    text hashes into the share (read once, before any sharding), which training then skips by that hash."""
     pct = cfg.validation_split_percentage
     if isinstance(train, IterableDataset):
         known = (
             train.info.splits["train"].num_examples
             if train.info.splits and "train" in train.info.splits
-            else None
+            else 0
         )
-        if not known:
-            raise ConfigError(
-                "validation_split_percentage: the number of documents in the stream is unknown, "
-                "so no share can be held out; give validation_files or a dataset with a validation split"
-            )
-        take = min(math.ceil(known * pct / 100), STREAM_VALIDATION_MAX_DOCUMENTS)
-        return train.skip(take), _stream_documents(cfg, take, "train")
+        take = min(math.ceil(known * pct / 100), STREAM_VALIDATION_MAX_DOCUMENTS) if known else None
+        validation = _stream_documents(cfg, take or STREAM_VALIDATION_MAX_DOCUMENTS, "train", pct / 100)
+        # Every process and DataLoader worker drops the same documents, whatever shards it reads; a copy of
+        # a held-out text is dropped too. Only these documents leave training, not the whole share.
+        held = frozenset(_text_hash(t, cfg.seed) for t in _texts(validation))
+        return train.filter(
+            _not_held_out, input_columns="text", fn_kwargs={"held": held, "seed": cfg.seed}
+        ), validation
     held = max(1, round(len(train) * pct / 100))
     if held >= len(train):
         raise ConfigError(
@@ -184,6 +197,20 @@ def _hold_out(train: Dataset | IterableDataset, cfg: RunConfig) -> tuple[Dataset
         )
     split = train.train_test_split(test_size=held, seed=cfg.seed, shuffle=True)
     return split["train"], split["test"]
+
+
+def _text_hash(text: str, seed: int) -> int:
+    key = seed.to_bytes(8, "little", signed=True)
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=key).digest(), "little")
+
+
+def _is_held_out(text: str, share: float, seed: int) -> bool:
+    """Whether a document's text hashes into the held-out `share`: the same answer in every process."""
+    return _text_hash(text, seed) % HOLD_OUT_BUCKETS < share * HOLD_OUT_BUCKETS
+
+
+def _not_held_out(text: str, held: frozenset[int], seed: int) -> bool:
+    return _text_hash(text, seed) not in held
 
 
 def _local_documents(cfg: RunConfig) -> tuple[dict, str]:
@@ -244,7 +271,13 @@ def _files_dataset(
         except Exception as err:  # malformed files surface as several library error types
             raise ConfigError(f"{key}: cannot read {names} as {builder}: {err}") from err
         parts.append(_text_column(ds, text_column, f"{key} ({names})"))
-    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+    if len(parts) == 1:
+        return parts[0]
+    # One string type for every kind of file, so that they concatenate. Only here: on a map-style dataset
+    # the cast writes another copy of the text.
+    return concatenate_datasets(
+        [p if p.features and p.features["text"] == TEXT else p.cast_column("text", TEXT) for p in parts]
+    )
 
 
 def _text_files(paths: list[Path], cache: str, streaming: bool) -> Dataset | IterableDataset:
@@ -310,9 +343,7 @@ def _text_column(ds: Dataset | IterableDataset, column: str, where: str) -> Data
     if feature is not None and getattr(feature, "dtype", None) not in ("string", "large_string"):
         raise ConfigError(f"text_column: {column!r} in {where} holds {feature}, not text")
     ds = ds.select_columns([column])
-    ds = ds if column == "text" else ds.rename_column(column, "text")
-    # One string type for every source, so that splits of several file kinds can be concatenated.
-    return ds if feature == TEXT else ds.cast_column("text", TEXT)
+    return ds if column == "text" else ds.rename_column(column, "text")
 
 
 def _hub_documents(cfg: RunConfig) -> tuple[dict, str]:
@@ -335,8 +366,11 @@ def _hub_documents(cfg: RunConfig) -> tuple[dict, str]:
     return splits, f"Hub dataset {name}" + (", streamed" if cfg.streaming else "")
 
 
-def _stream_documents(cfg: RunConfig, take: int | None, split: str) -> Dataset:
-    """The first `take` documents (all if None) of a streamed split, as a map-style dataset cached on disk."""
+def _stream_documents(
+    cfg: RunConfig, take: int | None, split: str, held_share: float | None = None
+) -> Dataset:
+    """The first `take` documents (all if None) of a streamed split, as a map-style dataset cached on disk;
+    with `held_share`, the first `take` of those `_is_held_out` picks."""
     source = {
         "dataset_name": cfg.dataset_name,
         "dataset_config_name": cfg.dataset_config_name,
@@ -344,17 +378,19 @@ def _stream_documents(cfg: RunConfig, take: int | None, split: str) -> Dataset:
         "text_column": cfg.text_column,
         "cache": _cache(cfg),
     }
-    gen_kwargs = {"source": source, "take": take, "split": split}
+    hold_out = None if held_share is None else {"share": held_share, "seed": cfg.seed}
+    gen_kwargs = {"source": source, "take": take, "split": split, "hold_out": hold_out}
+    code = [inspect.getsource(f) for f in (_stream_head, _is_held_out, _text_hash)]
     return Dataset.from_generator(
         _stream_head,
         features=Features({"text": TEXT}),
         gen_kwargs=gen_kwargs,
         cache_dir=_cache(cfg),
-        fingerprint=Hasher.hash([inspect.getsource(_stream_head), gen_kwargs]),
+        fingerprint=Hasher.hash([*code, gen_kwargs]),
     )
 
 
-def _stream_head(source: dict, take: int | None, split: str):
+def _stream_head(source: dict, take: int | None, split: str, hold_out: dict | None):
     if source["dataset_name"]:
         stream = load_dataset(
             source["dataset_name"],
@@ -368,6 +404,8 @@ def _stream_head(source: dict, take: int | None, split: str):
         paths = _expand("train_files", source["train_files"])
         stream = _files_dataset(paths, "train_files", source["text_column"], source["cache"], streaming=True)
     stream = _drop_blank(stream)
+    if hold_out is not None:
+        stream = stream.filter(_is_held_out, input_columns="text", fn_kwargs=hold_out)
     for row in stream.take(take) if take is not None else stream:
         yield {"text": row["text"]}
 
@@ -377,8 +415,8 @@ def _nonblank(texts: list[str | None]) -> list[bool]:
 
 
 def _drop_blank(ds: Dataset | IterableDataset) -> Dataset | IterableDataset:
-    if isinstance(ds, IterableDataset):
-        return ds.filter(_nonblank, batched=True, input_columns="text")
+    if isinstance(ds, IterableDataset):  # one document at a time: a stream's state is exact per document
+        return ds.filter(lambda text: _nonblank([text])[0], input_columns="text")
     return ds.filter(_nonblank, batched=True, input_columns="text", new_fingerprint=_step(ds, _nonblank))
 
 
@@ -397,7 +435,12 @@ def _cache(cfg: RunConfig) -> str:
     return str(Path(cfg.cache_dir).expanduser() / "datasets")
 
 
-# --- tokenizing and packing -----------------------------------------------------------------------------
+# --- tokenizing and cutting blocks ----------------------------------------------------------------------
+
+
+def _token_type(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The narrowest unsigned type that holds every id: 2 bytes per token for vocabularies up to 65,536."""
+    return "uint16" if len(tokenizer) <= 2**16 else "uint32"
 
 
 def _tokenize(batch: dict, tokenizer: PreTrainedTokenizerBase, eos_id: int) -> dict:
@@ -418,84 +461,235 @@ def _tokenize(batch: dict, tokenizer: PreTrainedTokenizerBase, eos_id: int) -> d
 def _tokenize_kwargs(tokenizer: PreTrainedTokenizerBase) -> dict:
     return {
         "batched": True,
+        "batch_size": TOKENIZE_BATCH_DOCUMENTS,
         "remove_columns": ["text"],
         "fn_kwargs": {"tokenizer": tokenizer, "eos_id": tokenizer.eos_token_id},
-        "features": Features({"input_ids": List(Value("int32")), "num_bytes": Value("int64")}),
+        "features": Features({"input_ids": List(Value(_token_type(tokenizer))), "num_bytes": Value("int64")}),
     }
 
 
-def _block_features(block_size: int) -> Features:
-    return Features({name: List(Value("int32"), length=block_size) for name in ("input_ids", "shift_labels")})
+def _num_proc(cfg: RunConfig, docs: Dataset) -> int | None:
+    """`preprocessing_num_workers`, or when unset every core this process may use, with at least
+    MIN_BYTES_PER_WORKER of text each."""
+    if cfg.preprocessing_num_workers is not None:
+        return cfg.preprocessing_num_workers if cfg.preprocessing_num_workers > 1 else None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = min(cores, len(docs), docs.data.nbytes // MIN_BYTES_PER_WORKER)
+    return workers if workers > 1 else None
 
 
-def _pack_batch(batch: pa.Table | dict, block_size: int) -> dict[str, np.ndarray]:
-    """Concatenate the documents of a batch and cut [k*B, k*B + B] windows: inputs and targets, [n, B] each."""
-    ids = batch["input_ids"]
-    if isinstance(ids, pa.ChunkedArray):  # a map-style dataset, formatted as arrow: no copy
-        stream = ids.combine_chunks().flatten().to_numpy()
-    else:
-        stream = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32)
-    n = max(len(stream) - 1, 0) // block_size
-    return {
-        "input_ids": stream[: n * block_size].reshape(n, block_size),
-        "shift_labels": stream[1 : n * block_size + 1].reshape(n, block_size),
-    }
+class TokenBlocks(TorchDataset):
+    """The blocks of one split, cut at load time from its token stream (the documents' tokens, in order).
+
+    Block k is stream positions [k*B, k*B + B]: `input_ids` its first B tokens, `shift_labels` its last B,
+    both int64 tensors of shape (B,). The tokens stay in the memory-mapped arrow cache, one chunk per written
+    batch of documents; a block is read from one chunk or, across a boundary, a few.
+    """
+
+    column_names = ["input_ids", "shift_labels"]
+
+    def __init__(self, tokens: Dataset, block_size: int):
+        self.tokens = tokens  # one row per document: "input_ids" (+ "num_bytes")
+        self.block_size = block_size
+        self._chunks: list[np.ndarray] | None = None
+        # Chunk lengths come from the list offsets: no token is read to index the split.
+        lengths = [len(c.flatten()) for c in tokens.data.table["input_ids"].chunks]
+        self.num_tokens = sum(lengths)
+        self._starts = np.cumsum([0, *lengths])[:-1].tolist()
+
+    def __len__(self) -> int:
+        return max(self.num_tokens - 1, 0) // self.block_size
+
+    @property
+    def cache_files(self) -> list[dict]:
+        return self.tokens.cache_files
+
+    def __getstate__(self) -> dict:  # DataLoader workers re-map the files instead of copying the tokens
+        return {**self.__dict__, "_chunks": None}
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        if self._chunks is None:  # zero-copy views of the memory-mapped arrow buffers
+            self._chunks = [c.flatten().to_numpy() for c in self.tokens.data.table["input_ids"].chunks]
+        c = bisect.bisect_right(self._starts, start) - 1
+        parts = []
+        while start < stop:
+            chunk = self._chunks[c]
+            lo, hi = start - self._starts[c], min(stop - self._starts[c], len(chunk))
+            parts.append(chunk[lo:hi])
+            start += max(hi - lo, 0)
+            c += 1
+        return np.concatenate(parts)
+
+    def __getitem__(self, index: int | slice) -> dict[str, torch.Tensor]:
+        if isinstance(index, slice):  # for inspection: a stack of blocks
+            rows = [self[i] for i in range(len(self))[index]]
+            return {k: torch.stack([r[k] for r in rows]) for k in self.column_names}
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"block {index} of {len(self)}")
+        start = (index % len(self)) * self.block_size
+        window = torch.from_numpy(self._read(start, start + self.block_size + 1).astype(np.int64))  # (B + 1,)
+        return {"input_ids": window[:-1], "shift_labels": window[1:]}
 
 
-def _pack(
+def _blocks(
     docs: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: RunConfig, split: str, key: str
-) -> tuple[Dataset, SplitSummary]:
-    tokenized = docs.map(
+) -> tuple[TokenBlocks, SplitSummary]:
+    tokens = docs.map(
         _tokenize,
-        num_proc=cfg.preprocessing_num_workers,
+        num_proc=_num_proc(cfg, docs),
+        writer_batch_size=TOKENIZE_BATCH_DOCUMENTS,
         desc=f"Tokenizing {split}",
-        new_fingerprint=_step(docs, _tokenize, tokenizer_fingerprint(tokenizer)),
+        new_fingerprint=_step(docs, _tokenize, tokenizer_fingerprint(tokenizer), _token_type(tokenizer)),
         **_tokenize_kwargs(tokenizer),
     )
-    table = tokenized.data.table  # map writes a fresh table: no indices mapping
-    tokens = pc.sum(pc.list_value_length(table["input_ids"])).as_py()
-    block_size = cfg.block_size
-    blocks = (tokens - 1) // block_size
-    if blocks == 0:
+    blocks = TokenBlocks(tokens, cfg.block_size)
+    if len(blocks) == 0:
         raise ConfigError(
-            f"{key}: the {split} split has only {tokens} tokens, fewer than the block_size + 1 = "
-            f"{block_size + 1} needed for one block; add text or lower block_size"
+            f"{key}: the {split} split has only {blocks.num_tokens} tokens, fewer than the block_size + 1 = "
+            f"{cfg.block_size + 1} needed for one block; add text or lower block_size"
         )
-    packed = tokenized.with_format("arrow").map(
-        _pack_batch,
-        batched=True,
-        batch_size=None,
-        fn_kwargs={"block_size": block_size},
-        remove_columns=tokenized.column_names,
-        features=_block_features(block_size),
-        desc=f"Packing {split}",
-        new_fingerprint=_step(tokenized, _pack_batch, block_size),
-    )
     summary = SplitSummary(
         documents=len(docs),
-        bytes=pc.sum(table["num_bytes"]).as_py(),
-        tokens=tokens,
-        blocks=len(packed),
-        dropped_tokens=tokens - 1 - blocks * block_size,
+        bytes=pc.sum(tokens.data.table["num_bytes"]).as_py(),
+        tokens=blocks.num_tokens,
+        blocks=len(blocks),
+        dropped_tokens=blocks.num_tokens - 1 - len(blocks) * cfg.block_size,
     )
-    assert summary.blocks == blocks, (summary.blocks, blocks)
-    return packed.with_format("torch"), summary
+    return blocks, summary
 
 
-def _pack_stream(
-    docs: IterableDataset, tokenizer: PreTrainedTokenizerBase, cfg: RunConfig
-) -> IterableDataset:
-    """The same blocks, lazily, per group of STREAM_PACK_DOCUMENTS documents; shuffled through a buffer."""
-    tokenized = docs.map(_tokenize, **_tokenize_kwargs(tokenizer))
-    packed = tokenized.map(
-        _pack_batch,
-        batched=True,
-        batch_size=STREAM_PACK_DOCUMENTS,
-        fn_kwargs={"block_size": cfg.block_size},
-        remove_columns=["input_ids", "num_bytes"],
-        features=_block_features(cfg.block_size),
-    )
-    return packed.shuffle(seed=cfg.seed, buffer_size=STREAM_SHUFFLE_BUFFER).with_format("torch")
+class PackedStream(TorchIterableDataset):
+    """The blocks of a stream of documents, cut as they arrive and shuffled through a buffer of blocks.
+
+    The same blocks as a map-style split (overlapping windows of block_size + 1 tokens over the documents
+    joined by eos), except that each DataLoader worker cuts its own shards' stream. The position is saved
+    and restored, never replayed: `state_dict()` is the document stream's own `datasets` state before the
+    document being cut, the tokens carried over from the documents before it and how many blocks were cut
+    from it, as plain Python values. A resume re-reads that one document; the blocks that were waiting in
+    the shuffle buffer are not restored (they are not trained on in that epoch). The state also counts what
+    was read in this epoch (documents, bytes, tokens, blocks): `StreamLoader.consumed()`.
+    """
+
+    def __init__(self, docs: IterableDataset, tokenizer: PreTrainedTokenizerBase, block_size: int, seed: int):
+        self.docs = docs  # "text" rows, already split across processes; split across workers when iterated
+        self.tokenizer = tokenizer
+        self.block_size = block_size
+        self.seed = seed
+        self._position: dict | None = None  # where the blocks yielded so far end
+        self._resume: dict | None = None
+
+    @property
+    def epoch(self) -> int:
+        return self.docs.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.docs.set_epoch(epoch)  # seeds the shuffle buffer; read when an iterator starts
+
+    def state_dict(self) -> dict:
+        # A loaded position stands until this worker cuts a block: a checkpoint taken before then keeps it.
+        position = self._resume or self._position or {"docs": None, "carry": [], "cut": 0, **_NO_COUNTS}
+        return {**position, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.set_epoch(state["epoch"])
+        self._resume = state
+
+    def __iter__(self):
+        B, eos, dtype = self.block_size, self.tokenizer.eos_token_id, _token_type(self.tokenizer)
+        state, self._resume = self._resume, None
+        self._position = state
+        before, carry, cut = (state["docs"], state["carry"], state["cut"]) if state else (None, [], 0)
+        counts = {k: state[k] for k in _NO_COUNTS} if state else dict(_NO_COUNTS)  # read so far this epoch
+        docs = copy.deepcopy(self.docs)  # a position loaded into it must not outlive this iteration
+        if before is not None:
+            docs.load_state_dict(before)
+        worker = get_worker_info()
+        rng = np.random.default_rng([self.seed, self.epoch, worker.id if worker else 0])
+        buffer: list[np.ndarray] = []
+        for doc in docs:
+            tokenized = _tokenize({"text": [doc["text"]]}, tokenizer=self.tokenizer, eos_id=eos)
+            ids = tokenized["input_ids"][0]  # ends with eos
+            tokens = np.array(carry + ids, dtype=dtype)  # the buffer holds views: 2 bytes a token
+            n = (len(tokens) - 1) // B
+            for k in range(cut, n):
+                self._position = {"docs": before, "carry": carry, "cut": k + 1, **counts}
+                buffer.append(tokens[k * B : k * B + B + 1])
+                if len(buffer) >= STREAM_SHUFFLE_BUFFER:
+                    yield self._block(buffer, rng)
+            before, carry, cut = docs.state_dict(), tokens[n * B :].tolist(), 0
+            counts = {
+                "documents": counts["documents"] + 1,
+                "bytes": counts["bytes"] + tokenized["num_bytes"][0],
+                "tokens": counts["tokens"] + len(ids),
+                "blocks": counts["blocks"] + n,
+            }
+            self._position = {"docs": before, "carry": carry, "cut": 0, **counts}
+        while buffer:
+            yield self._block(buffer, rng)
+
+    @staticmethod
+    def _block(buffer: list[np.ndarray], rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        i = int(rng.integers(len(buffer)))
+        buffer[i], buffer[-1] = buffer[-1], buffer[i]
+        window = torch.from_numpy(buffer.pop().astype(np.int64))  # (B + 1,)
+        return {"input_ids": window[:-1], "shift_labels": window[1:]}
+
+
+_NO_COUNTS = {"documents": 0, "bytes": 0, "tokens": 0, "blocks": 0}
+
+
+class StreamLoader(StatefulDataLoader):
+    """A StatefulDataLoader over a `PackedStream`: `state_dict()` holds each worker's stream position and
+    the epoch, as plain Python values (save one per rank; `torch.load(weights_only=True)` reads it back).
+    `load_state_dict` restores the epoch too (`self.epoch`): a multi-epoch stream goes on in its epoch."""
+
+    @property
+    def epoch(self) -> int:
+        return self.dataset.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "loader": super().state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.set_epoch(state["epoch"])
+        super().load_state_dict(state["loader"])
+
+    def consumed(self) -> SplitSummary:
+        """What this process's workers have read of the stream in this epoch, up to the last batch delivered
+        (documents, their bytes and tokens, the blocks cut from them); sum it over processes."""
+        found: list[dict] = []
+
+        def walk(node) -> None:  # the workers' PackedStream states, wherever torchdata nests them
+            if isinstance(node, dict):
+                if "carry" in node and "documents" in node:
+                    found.append(node)
+                else:
+                    for value in node.values():
+                        walk(value)
+
+        walk(super().state_dict())
+        total = {k: sum(state[k] for state in found) for k in _NO_COUNTS}
+        return SplitSummary(total["documents"], total["bytes"], total["tokens"], total["blocks"], 0)
+
+
+def train_dataloader(data: PreparedData, cfg: RunConfig, pin_memory: bool = False) -> DataLoader:
+    """The training DataLoader: full batches only (fixed shapes, equal work on every process).
+
+    A map-style split: a shuffling DataLoader, for `accelerator.prepare` to shard (seedable sampler) and
+    `skip_first_batches` to resume. A stream (already split across processes): a `StreamLoader`, which
+    accelerate must not prepare; resume it with `load_state_dict`."""
+    kwargs = {
+        "batch_size": cfg.per_device_train_batch_size,
+        "drop_last": True,
+        "num_workers": cfg.dataloader_num_workers,
+        "pin_memory": pin_memory,
+    }
+    if isinstance(data.train, PackedStream):
+        return StreamLoader(data.train, **kwargs)
+    return DataLoader(data.train, shuffle=True, **kwargs)
 
 
 # --- summary and command line ---------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import subprocess
@@ -12,13 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from datasets import Dataset, IterableDataset
+from datasets import Dataset
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 import recipe.corpus as corpus
+import recipe.data as data_module
 import recipe.tokenizer as tokenizer_module
 from recipe.config import ConfigError, RunConfig, load_config
-from recipe.data import SplitSummary, format_summary, prepare_data
+from recipe.data import PackedStream, SplitSummary, TokenBlocks, format_summary, prepare_data
 from recipe.tokenizer import EOS, train_bpe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,10 +79,16 @@ def expected_stream(tok, texts: list[str]) -> list[int]:
 def blocks(ds) -> tuple[torch.Tensor, torch.Tensor]:
     rows = (
         ds[:]
-        if isinstance(ds, Dataset)
+        if hasattr(ds, "__len__")  # a map-style split (TokenBlocks) slices into stacked tensors
         else {k: torch.stack([r[k] for r in ds]) for k in ("input_ids", "shift_labels")}
     )
     return rows["input_ids"], rows["shift_labels"]
+
+
+def tags(tok, ds) -> set[int]:
+    """The numbers of the documents whose "d<n>w<j>" words appear in any block of `ds`."""
+    x, _ = blocks(ds)
+    return {int(m) for row in x for m in re.findall(r"d(\d+)w", tok.decode(row))}
 
 
 def check_blocks(x: torch.Tensor, y: torch.Tensor, block_size: int = BLOCK) -> None:
@@ -126,6 +134,36 @@ def test_blocks_are_the_token_stream_shifted_with_one_token_overlap(tmp_path):
         assert len(x) == s.blocks and 0 <= s.dropped_tokens < BLOCK
         assert s.bytes_per_token == pytest.approx(s.bytes / s.tokens)
     assert "validation" in format_summary(data.summary)
+
+
+def test_blocks_are_cut_across_stored_chunks_and_workers_map_the_cache(tmp_path, monkeypatch):
+    """Tokens are stored once (uint16 here) in many arrow chunks; a block read across chunk boundaries is the
+    same stream, and DataLoader workers receive the split without its tokens (they map the cache file)."""
+    monkeypatch.setattr(data_module, "TOKENIZE_BATCH_DOCUMENTS", 2)  # a chunk per 2 documents
+    train = documents(12)
+    data = prepare_data(local_config(tmp_path, train, documents(2, seed=1)))
+    tokens = data.train.tokens
+    assert tokens.features["input_ids"].feature.dtype == "uint16"
+    assert tokens.data.table["input_ids"].num_chunks >= 6
+    x, y = blocks(data.train)
+    check_blocks(x, y)
+    expected = expected_stream(data.tokenizer, train)
+    assert torch.cat([x[0, :1], y.reshape(-1)]).tolist() == expected[: 1 + x.numel()]
+    assert len(pickle.dumps(data.train)) < 2 * x.numel()  # the tokens are not in the pickle
+    loader = torch.utils.data.DataLoader(data.train, batch_size=4, num_workers=2)
+    assert torch.equal(torch.cat([b["input_ids"] for b in loader]), x)
+
+
+def test_token_type_fits_the_vocabulary():
+    class Vocabulary:  # all _token_type looks at
+        def __init__(self, size: int):
+            self.size = size
+
+        def __len__(self) -> int:
+            return self.size
+
+    assert data_module._token_type(Vocabulary(2**16)) == "uint16"
+    assert data_module._token_type(Vocabulary(2**16 + 1)) == "uint32"
 
 
 def test_held_out_documents_are_whole_seeded_and_disjoint(tmp_path):
@@ -190,7 +228,7 @@ def test_streaming_local_files_split_across_ranks(tmp_path):
     seen = []
     for rank in (0, 1):
         data = prepare_data(cfg, rank=rank, world_size=2)
-        assert isinstance(data.train, IterableDataset) and isinstance(data.validation, Dataset)
+        assert isinstance(data.train, PackedStream) and isinstance(data.validation, TokenBlocks)
         assert (
             data.summary["train"].tokens == 0
             and data.summary["validation"] == reference.summary["validation"]
@@ -480,15 +518,19 @@ def test_dataset_name_without_validation_split(tmp_path):
     (repo / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in documents(20)))
     data = prepare_data(config(tmp_path, dataset_name=str(repo), validation_split_percentage=10))
     assert (data.summary["train"].documents, data.summary["validation"].documents) == (18, 2)
-    # streamed, the head of the stream is held out when the dataset says how many documents it has...
-    streamed = prepare_data(
-        config(tmp_path, dataset_name=str(repo), validation_split_percentage=10, streaming=True)
-    )
-    assert streamed.summary["validation"].documents == 2
-    # ...and a clear error when it does not (here: a fresh cache, so the local folder has no recorded size)
-    with pytest.raises(
-        ConfigError, match="validation_split_percentage: the number of documents in the stream"
-    ):
-        prepare_data(config(tmp_path / "fresh", dataset_name=str(repo), streaming=True))
+    # streamed, documents are held out by a hash of their text, whether the stream's size is known (the
+    # dataset's cache records it) or not (a fresh cache): disjoint, and together every document
+    tagged = [f"Document {i}: " + " ".join(f"d{i}w{j}" for j in range(40)) for i in range(20)]
+    (repo / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in tagged))
+    for cache in (tmp_path, tmp_path / "fresh"):
+        streamed = prepare_data(
+            config(cache, dataset_name=str(repo), validation_split_percentage=20, streaming=True)
+        )
+        held, trained = (
+            tags(streamed.tokenizer, streamed.validation),
+            tags(streamed.tokenizer, streamed.train),
+        )
+        assert held and not held & trained and held | trained == set(range(20))
+        assert streamed.summary["validation"].documents == len(held)
     with pytest.raises(ConfigError, match="dataset_name: cannot load"):
         prepare_data(config(tmp_path, dataset_name=str(tmp_path / "no-such-dataset")))

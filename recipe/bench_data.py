@@ -1,0 +1,244 @@
+"""Data preparation at two corpus sizes 10x apart: memory, cache and speed per token. `python -m recipe.bench_data`.
+
+The corpus is copies of the default Shakespeare corpus cut into ~3 KB documents, in jsonl shards, read with
+one fixed tokenizer (trained once on it), so only the corpus size changes. Each measurement is a fresh
+process (a fresh cache for preparing; the prepared cache for a training start), sampled every 50 ms:
+memory is the proportional set size (PSS, /proc/<pid>/smaps_rollup) summed over the process and all its
+children (tokenizer workers, DataLoader workers); "anon" is the part not backed by a file (the memory-mapped
+caches are file-backed: the kernel can drop those pages). What grows with the corpus is the difference between
+the two sizes, per token of the difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC_BYTES = 3000
+SHARDS = 8
+
+PREPARE = """
+import json, sys, time
+from recipe.config import load_config
+from {module} import prepare_data
+cfg = load_config(sys.argv[1:])
+start = time.perf_counter()
+data = prepare_data(cfg)
+s = data.summary["train"]
+print("RESULT " + json.dumps({{"tokens": s.tokens + data.summary["validation"].tokens, "documents": s.documents,
+      "seconds": time.perf_counter() - start}}))
+"""
+
+START = """
+import sys
+import torch
+from recipe.config import load_config
+from {module} import prepare_data
+cfg = load_config(sys.argv[1:])
+data = prepare_data(cfg)
+try:
+    from {module} import train_dataloader
+    dl = train_dataloader(data, cfg)
+except ImportError:
+    dl = torch.utils.data.DataLoader(data.train, batch_size=cfg.per_device_train_batch_size, shuffle=True,
+                                     drop_last=True, num_workers=cfg.dataloader_num_workers)
+for i, batch in enumerate(dl):
+    if i == 200:
+        break
+print("RESULT {{}}")
+"""
+
+
+def _pss(pid: int) -> tuple[int, int]:
+    """(Pss, Pss_Anon) of one process in bytes; (0, 0) once it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return 0, 0
+    fields = dict(line.split(":", 1) for line in text.splitlines()[1:] if ":" in line)
+    kb = lambda name: int(fields.get(name, "0 kB").split()[0]) * 1024  # noqa: E731
+    return kb("Pss"), kb("Pss_Anon")
+
+
+def run_measured(code: str, args: list[str], env: dict) -> tuple[dict, int, int]:
+    """Run `python -c code args` and return its RESULT json, peak PSS and peak anonymous PSS of its tree."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    peak = [0, 0]
+
+    def sample() -> None:
+        root = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                pids = [proc.pid] + [c.pid for c in root.children(recursive=True)]
+            except psutil.Error:
+                break
+            totals = [sum(v) for v in zip(*(_pss(p) for p in pids))]
+            peak[:] = [max(a, b) for a, b in zip(peak, totals)]
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    out, err = proc.communicate()
+    thread.join()
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark process failed:\n{err.decode()[-3000:]}")
+    line = next(x for x in out.decode().splitlines() if x.startswith("RESULT "))
+    return json.loads(line[len("RESULT ") :]), peak[0], peak[1]
+
+
+def make_corpus(folder: Path, copies: int, cache_dir: str) -> tuple[list[str], int]:
+    """`copies` copies of the Shakespeare works as ~DOC_BYTES documents in SHARDS jsonl files."""
+    from recipe import corpus
+
+    files = corpus.shakespeare_files(cache_dir)
+    texts = [Path(p).read_text(encoding="utf-8") for paths in files.values() for p in paths]
+    docs, current = [], ""
+    for text in texts:
+        for paragraph in text.split("\n\n"):
+            current += paragraph + "\n\n"
+            if len(current) >= DOC_BYTES:
+                docs.append(current.strip())
+                current = ""
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    handles = [open(folder / f"part-{i:02d}.jsonl", "w", encoding="utf-8") for i in range(SHARDS)]
+    n = 0
+    for copy in range(copies):
+        for doc in docs:  # the copy number makes every document distinct
+            handles[n % SHARDS].write(json.dumps({"text": f"[{copy}] {doc}"}) + "\n")
+            n += 1
+    for h in handles:
+        h.close()
+    return [str(folder / "*.jsonl")], sum(p.stat().st_size for p in folder.iterdir())
+
+
+def fixed_tokenizer(folder: Path, cache_dir: str, vocab_size: int) -> str:
+    from recipe import corpus
+    from recipe.tokenizer import train_bpe
+
+    if not (folder / "tokenizer.json").exists():
+        files = corpus.shakespeare_files(cache_dir)
+        texts = [Path(p).read_text(encoding="utf-8") for paths in files.values() for p in paths]
+        train_bpe(texts, vocab_size).save_pretrained(folder)
+    return str(folder)
+
+
+def cache_bytes(cache: Path) -> tuple[int, int]:
+    """(bytes of the raw text's own arrow copy, bytes of everything else) under a cache folder."""
+    raw = other = 0
+    for p in cache.rglob("*"):
+        if not p.is_file() or p.name.endswith(".lock"):
+            continue
+        if p.suffix == ".arrow" and p.name.startswith("json-train"):  # what load_dataset wrote of the text
+            raw += p.stat().st_size
+        else:
+            other += p.stat().st_size
+    return raw, other
+
+
+def measure(module: str, train_files: list[str], tokenizer: str, work: Path, env: dict) -> dict:
+    cache = work / "cache"
+    if cache.exists():
+        shutil.rmtree(cache)
+    args = [
+        "--train_files",
+        ",".join(train_files),
+        "--tokenizer_name",
+        tokenizer,
+        "--cache_dir",
+        str(cache),
+        "--block_size",
+        "256",
+        "--per_device_train_batch_size",
+        "16",
+    ]
+    result, pss, anon = run_measured(PREPARE.format(module=module), args, env)
+    raw, prepared = cache_bytes(cache)
+    _, start_pss, start_anon = run_measured(START.format(module=module), args, env)
+    return {
+        **result,
+        "pss": pss,
+        "anon": anon,
+        "raw_cache": raw,
+        "cache": prepared,
+        "start_pss": start_pss,
+        "start_anon": start_anon,
+    }
+
+
+def growth(small: dict, large: dict, key: str) -> float:
+    """Bytes of `key` per token of the difference between the two corpus sizes."""
+    return (large[key] - small[key]) / (large["tokens"] - small["tokens"])
+
+
+def bench_data(args: argparse.Namespace) -> list[str]:
+    """Markdown lines: the table, for `recipe.data` (and `--data-baseline`, another module, if given)."""
+    cache_dir = str(Path(args.cache_dir).expanduser())
+    work = Path(cache_dir) / "bench-data"
+    tokenizer = fixed_tokenizer(work / "tokenizer", cache_dir, args.vocab_size)
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), *args.path])}
+    modules = [("this", "recipe.data")] + ([("baseline", args.data_baseline)] if args.data_baseline else [])
+    cores = len(os.sched_getaffinity(0))
+    lines = [
+        f"Data preparation, {args.copies} and {10 * args.copies} copies of the Shakespeare corpus as ~3 KB "
+        f"documents in {SHARDS} jsonl shards, vocab {args.vocab_size}, {cores} cores; peak PSS summed over the "
+        "process tree (anon: not file-backed), per token of the difference between the two sizes.",
+        "",
+        "| code | tokens (small / large) | prepare s (large) | tokens/s | peak PSS (small / large) | "
+        "PSS growth B/token | anon growth B/token | cache B/token beyond the text | "
+        "training start growth B/token (PSS / anon) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, module in modules:
+        rows = []
+        for copies in (args.copies, 10 * args.copies):
+            files, _ = make_corpus(work / f"corpus-{copies}", copies, cache_dir)
+            rows.append(measure(module, files, tokenizer, work / f"run-{copies}", env))
+            print(f"{name} x{copies}: {json.dumps(rows[-1])}", file=sys.stderr)
+        small, large = rows
+        per = {k: growth(small, large, k) for k in ("pss", "anon", "start_pss", "start_anon")}
+        lines.append(
+            f"| {name} (`{module}`) | {small['tokens'] / 1e6:.1f}M / {large['tokens'] / 1e6:.1f}M | "
+            f"{large['seconds']:.0f} | {large['tokens'] / large['seconds'] / 1e3:.0f}k | "
+            f"{small['pss'] / 2**30:.2f} / {large['pss'] / 2**30:.2f} GiB | {per['pss']:.1f} | {per['anon']:.1f} | "
+            f"{large['cache'] / large['tokens']:.2f} | {per['start_pss']:.1f} / {per['start_anon']:.1f} |"
+        )
+    return lines
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--copies", type=int, default=1, help="copies of the corpus for the small size (x10: large)"
+    )
+    parser.add_argument("--vocab_size", type=int, default=4096)
+    parser.add_argument("--cache_dir", default="~/.cache/gpt-recipe")
+    parser.add_argument(
+        "--data-baseline",
+        default=None,
+        help="another module with prepare_data to compare (e.g. an old data.py)",
+    )
+    parser.add_argument("--path", action="append", default=[], help="a folder to add to PYTHONPATH")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    print("\n".join(bench_data(parse_args(argv))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
