@@ -8,7 +8,6 @@ naming the key.
 from __future__ import annotations
 
 import dataclasses
-import json
 import types
 import typing
 from dataclasses import dataclass
@@ -33,7 +32,13 @@ class RunConfig:
     intermediate_size: int | None = None  # None: 4 x hidden_size
     max_position_embeddings: int | None = None  # None: block_size
     dropout: float = 0.0
-    bias: bool = True
+    # gpt2: GPT-2 exactly; modern: rotary, RMSNorm, QK-norm, SwiGLU, no biases, untied (see configuration_gpt.py)
+    architecture: str = "gpt2"
+    bias: bool | None = None  # None: the architecture's default (gpt2: true; modern: false, the only choice)
+    qk_norm: bool | None = None  # None: gpt2 false, modern true (exports to Qwen3; false exports to Llama)
+    tie_word_embeddings: bool | None = None  # None: gpt2 true, modern false
+    hidden_act: str | None = None  # None: gpt2 gelu_pytorch_tanh, modern silu (SwiGLU)
+    rope_theta: float = 10000.0  # modern only
     attn_implementation: str = "sdpa"
     torch_compile: bool = False
     gradient_checkpointing: bool = False
@@ -66,9 +71,16 @@ class RunConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_epsilon: float = 1e-8
+    optim: str = "adamw"  # or muon: Muon for the hidden matrices, AdamW (settings above) for the rest
+    muon_learning_rate: float | None = None  # None: learning_rate (Muon's update is scaled to AdamW's RMS)
+    muon_momentum: float = 0.95
     max_grad_norm: float = 1.0
     mixed_precision: str = "no"
     dataloader_num_workers: int = 0
+    num_threads: int | None = (
+        None  # CPU threads per process; None: the cores here / processes on this machine
+    )
+    ddp_timeout: int = 1800  # seconds a process waits at a barrier (e.g. while another prepares the data)
 
     # --- seeing it learn ---
     logging_steps: int = 10
@@ -84,8 +96,11 @@ class RunConfig:
     save_total_limit: int | None = 2
     resume_from_checkpoint: str | None = None  # a checkpoint folder or "latest"
     push_to_hub: bool = False
-    hub_model_id: str | None = None
+    hub_model_id: str | None = None  # None: <your user>/<output_dir's name>
+    hub_strategy: str = "every_save"  # end, every_save, checkpoint (adds last-checkpoint/) or all_checkpoints
     hub_private_repo: bool = False
+    hub_token: str | None = None  # None: the login of `hf auth login` / HF_TOKEN
+    hub_upload_timeout: float = 3600.0  # seconds to wait for pending uploads at the end or at a stop
     sample_prompt: str = "\n"
     sample_max_new_tokens: int = 200
 
@@ -133,6 +148,7 @@ class RunConfig:
         choices = {
             "mixed_precision": ("no", "bf16", "fp16"),
             "report_to": ("tensorboard", "trackio", "wandb", "all", "none"),
+            "hub_strategy": ("end", "every_save", "checkpoint", "all_checkpoints"),
             "attn_implementation": (
                 "sdpa",
                 "eager",
@@ -140,22 +156,44 @@ class RunConfig:
                 "flash_attention_3",
                 "flex_attention",
             ),
+            "architecture": ("gpt2", "modern"),
+            "optim": ("adamw", "muon"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if self.architecture == "modern" and self.bias:
+            raise ConfigError("bias: the modern architecture has no biases; leave bias unset or false")
+        if self.architecture == "gpt2" and self.qk_norm:
+            raise ConfigError("qk_norm: only the modern architecture has QK-norm (set architecture: modern)")
+        if self.muon_learning_rate is not None and self.muon_learning_rate <= 0:
+            raise ConfigError(f"muon_learning_rate must be > 0, got {self.muon_learning_rate!r}")
+        if not 0 <= self.muon_momentum < 1:
+            raise ConfigError(f"muon_momentum must be in [0, 1), got {self.muon_momentum!r}")
         if self.max_position_embeddings is not None and self.block_size > self.max_position_embeddings:
             raise ConfigError(
                 f"block_size ({self.block_size}) is larger than max_position_embeddings "
                 f"({self.max_position_embeddings}): the model cannot see that many positions"
             )
-        if self.push_to_hub and not self.hub_model_id:
+        if self.save_total_limit is not None and self.save_total_limit <= 0:
             raise ConfigError(
-                "push_to_hub is true but hub_model_id is not set: name the repo, e.g. --hub_model_id you/gpt"
+                f"save_total_limit must be a positive integer (or none: keep every checkpoint), got {self.save_total_limit!r}"
             )
+        for name in ("num_threads", "ddp_timeout", "hub_upload_timeout"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.dataloader_num_workers < 0:
+            raise ConfigError(f"dataloader_num_workers must be >= 0, got {self.dataloader_num_workers!r}")
+        if self.optim == "muon" and self.mixed_precision == "fp16":
+            # accelerate's GradScaler updates after each optimizer: the second would step on unscaled gradients.
+            raise ConfigError("optim muon with mixed_precision fp16 is not supported: use bf16 (or no)")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every key, the Hub token masked (this is what run_config.yaml, trackers and the Hub see)."""
+        values = dataclasses.asdict(self)
+        if values["hub_token"]:
+            values["hub_token"] = "<hidden>"
+        return values
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
@@ -270,8 +308,33 @@ def load_config(argv: list[str] | None = None, config_file: str | None = None) -
     return build_config(values)
 
 
-def config_summary(cfg: RunConfig) -> str:
-    return json.dumps(cfg.to_dict(), indent=2)
+def gpt_config(cfg: RunConfig, tokenizer: Any):
+    """The model configuration a run builds from scratch: the one home of the run-config -> GPTConfig mapping
+    (train.py and bench.py both build their models from it)."""
+    from recipe.configuration_gpt import GPTConfig
+
+    config = GPTConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=cfg.max_position_embeddings or cfg.block_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        intermediate_size=cfg.intermediate_size,
+        embd_pdrop=cfg.dropout,
+        resid_pdrop=cfg.dropout,
+        attn_pdrop=cfg.dropout,
+        architecture=cfg.architecture,
+        bias=cfg.bias,
+        qk_norm=cfg.qk_norm,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        hidden_act=cfg.hidden_act,
+        rope_theta=cfg.rope_theta,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config._attn_implementation = cfg.attn_implementation
+    return config
 
 
 def config_help() -> str:

@@ -1,9 +1,13 @@
-"""Export a recipe GPT checkpoint to a stock `GPT2LMHeadModel` folder (no remote code needed to load it).
+"""Export a recipe GPT checkpoint to a stock transformers architecture (no remote code needed to load it).
 
-    python -m recipe.export --model outputs/shakespeare --to gpt2 --output outputs/shakespeare-gpt2
+    python -m recipe.export --model outputs/shakespeare-gpt2 --to gpt2 --output outputs/shakespeare-gpt2-hf
+    python -m recipe.export --model outputs/shakespeare --to qwen3 --output outputs/shakespeare-qwen3
 
-The module names already match GPT-2's, so the export is a copy plus a transpose: GPT-2 stores its projections
-in `Conv1D`, whose weight is `nn.Linear`'s transposed. Logits of both models are compared on a random batch
+- `architecture: gpt2` -> `GPT2LMHeadModel`. The module names already match GPT-2's, so the export is a copy
+  plus a transpose: GPT-2 stores its projections in `Conv1D`, whose weight is `nn.Linear`'s transposed.
+- `architecture: modern` -> `Qwen3ForCausalLM` (with QK-norm) or `LlamaForCausalLM` (without): a rename plus a
+  split of the fused [q; k; v] and [gate; up] matrices; rotary layout, norm placement and scaling are the same.
+Without `--to`, the target follows the architecture. Logits of both models are compared on a random batch
 before anything is written; a mismatch above 1e-4 is an error.
 """
 
@@ -16,19 +20,49 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
-MODEL_TYPE = "recipe_gpt"
+from recipe.configuration_gpt import GPTConfig
+
+MODEL_TYPE = GPTConfig.model_type
+TARGETS = ("gpt2", "qwen3", "llama")
 TOLERANCE = 1e-4
 # Linear weights inside the blocks; GPT-2 keeps them as Conv1D (in_features, out_features).
 _CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-def gpt2_config_from(config) -> GPT2Config:
-    """The stock GPT-2 config that computes exactly what our config does."""
+def _check_ours(config) -> None:
     if getattr(config, "model_type", None) != MODEL_TYPE:
         raise ValueError(
             f"expected a {MODEL_TYPE!r} model, got model_type={getattr(config, 'model_type', None)!r}"
+        )
+
+
+def default_target(config) -> str:
+    """The stock architecture that represents `config` exactly."""
+    if getattr(config, "architecture", "gpt2") == "gpt2":
+        return "gpt2"
+    return "qwen3" if config.qk_norm else "llama"
+
+
+def gpt2_config_from(config) -> GPT2Config:
+    """The stock GPT-2 config that computes exactly what our config does."""
+    _check_ours(config)
+    if getattr(config, "architecture", "gpt2") != "gpt2":
+        raise ValueError(
+            f"this is a {config.architecture!r} model (rotary, RMSNorm, gated MLP): GPT-2 cannot represent it; "
+            f"export it with --to {default_target(config)}"
         )
     if not config.bias:
         raise ValueError(
@@ -64,8 +98,82 @@ def gpt2_state_dict_from(state_dict: dict[str, torch.Tensor]) -> dict[str, torch
     }
 
 
+def modern_config_from(config, target: str) -> Qwen3Config | LlamaConfig:
+    """The stock Qwen3 / Llama config that computes exactly what our modern config does (inference: the
+    stock models have attention dropout only, so training dropout is not carried over)."""
+    _check_ours(config)
+    if getattr(config, "architecture", "gpt2") != "modern":
+        raise ValueError(f"this is a GPT-2 architecture model: export it with --to gpt2, not --to {target}")
+    if target == "qwen3" and not config.qk_norm:
+        raise ValueError(
+            "this model has qk_norm=False, but Qwen3 always normalises q and k; export it with --to llama"
+        )
+    if target == "llama" and config.qk_norm:
+        raise ValueError("this model has qk_norm=True, which Llama does not have; export it with --to qwen3")
+    common = dict(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_attention_heads,
+        head_dim=config.hidden_size // config.num_attention_heads,
+        hidden_act=config.hidden_act,
+        max_position_embeddings=config.max_position_embeddings,
+        initializer_range=config.initializer_range,
+        rms_norm_eps=config.layer_norm_epsilon,
+        rope_parameters={"rope_type": "default", "rope_theta": float(config.rope_theta)},
+        attention_bias=False,
+        attention_dropout=config.attn_pdrop,
+        tie_word_embeddings=config.tie_word_embeddings,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+        use_cache=True,
+    )
+    if target == "qwen3":
+        return Qwen3Config(**common)
+    return LlamaConfig(**common, mlp_bias=False)
+
+
+def modern_state_dict_from(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Qwen3 / Llama names; fused [q; k; v] and [gate; up] split along the output dimension."""
+    top = {
+        "transformer.wte.weight": "model.embed_tokens.weight",
+        "transformer.ln_f.weight": "model.norm.weight",
+        "lm_head.weight": "lm_head.weight",
+    }
+    inside = {
+        "ln_1.weight": ["input_layernorm.weight"],
+        "ln_2.weight": ["post_attention_layernorm.weight"],
+        "attn.c_attn.weight": [
+            "self_attn.q_proj.weight",
+            "self_attn.k_proj.weight",
+            "self_attn.v_proj.weight",
+        ],
+        "attn.q_norm.weight": ["self_attn.q_norm.weight"],
+        "attn.k_norm.weight": ["self_attn.k_norm.weight"],
+        "attn.c_proj.weight": ["self_attn.o_proj.weight"],
+        "mlp.c_fc.weight": ["mlp.gate_proj.weight", "mlp.up_proj.weight"],
+        "mlp.c_proj.weight": ["mlp.down_proj.weight"],
+    }
+    out = {}
+    for key, value in state_dict.items():
+        parts = key.split(".")  # transformer.h.{i}.{rest}
+        rest = ".".join(parts[3:])
+        if key in top:
+            out[top[key]] = value
+        elif parts[:2] == ["transformer", "h"] and rest in inside:
+            names = inside[rest]
+            for name, chunk in zip(names, value.chunk(len(names), dim=0)):
+                out[f"model.layers.{parts[2]}.{name}"] = chunk.contiguous()
+        else:
+            out[key] = value  # reported as unexpected by the caller
+    return out
+
+
 @torch.no_grad()
-def max_logit_diff(ours, gpt2: GPT2LMHeadModel, seed: int = 0) -> float:
+def max_logit_diff(ours, gpt2: PreTrainedModel, seed: int = 0) -> float:
     """Largest |logit difference| on a random batch, both models in eval mode."""
     config = ours.config
     generator = torch.Generator().manual_seed(seed)
@@ -74,39 +182,61 @@ def max_logit_diff(ours, gpt2: GPT2LMHeadModel, seed: int = 0) -> float:
     return (ours(input_ids).logits.float() - gpt2(input_ids).logits.float()).abs().max().item()
 
 
-def export_to_gpt2(model, output_dir: str | os.PathLike, tokenizer=None) -> GPT2LMHeadModel:
-    """Convert `model` (a recipe GPTForCausalLM, local or remote-code class) to GPT-2, verify, save, return it.
+def export_model(
+    model, output_dir: str | os.PathLike, to: str | None = None, tokenizer=None
+) -> PreTrainedModel:
+    """Convert `model` (a recipe GPTForCausalLM, local or remote-code class) to the stock architecture `to`
+    (gpt2, qwen3, llama; None: the one its architecture maps to), verify, save, return it.
 
     Verification runs in fp32 whatever the checkpoint dtype; the saved model keeps the checkpoint's dtype.
     Raises ValueError for a model that cannot be exported and RuntimeError if the logits differ.
     """
-    gpt2_config = gpt2_config_from(model.config)
+    to = to or default_target(model.config)
+    if to == "gpt2":
+        stock_config, convert, stock_class = (
+            gpt2_config_from(model.config),
+            gpt2_state_dict_from,
+            GPT2LMHeadModel,
+        )
+    elif to in ("qwen3", "llama"):
+        stock_config, convert = modern_config_from(model.config, to), modern_state_dict_from
+        stock_class = Qwen3ForCausalLM if to == "qwen3" else LlamaForCausalLM
+    else:
+        raise ValueError(f"unknown export target {to!r}; use one of {', '.join(TARGETS)}")
     reference = model if model.dtype == torch.float32 else copy.deepcopy(model).float()
     was_training = reference.training
     reference.eval()
 
-    gpt2 = GPT2LMHeadModel(gpt2_config).to(reference.device)
-    missing, unexpected = gpt2.load_state_dict(gpt2_state_dict_from(reference.state_dict()), strict=False)
+    stock = stock_class(stock_config).to(reference.device)
+    missing, unexpected = stock.load_state_dict(convert(reference.state_dict()), strict=False)
     # The tied lm_head may be absent from a state dict; anything else missing means the layouts diverged.
-    missing = [k for k in missing if not (k == "lm_head.weight" and gpt2_config.tie_word_embeddings)]
+    missing = [k for k in missing if not (k == "lm_head.weight" and stock_config.tie_word_embeddings)]
     if missing or unexpected:
-        raise RuntimeError(f"state dict does not map onto GPT-2: missing {missing}, unexpected {unexpected}")
-    gpt2.eval()
+        raise RuntimeError(
+            f"state dict does not map onto {stock_class.__name__}: missing {missing}, unexpected {unexpected}"
+        )
+    stock.eval()
 
-    diff = max_logit_diff(reference, gpt2)
+    diff = max_logit_diff(reference, stock)
     reference.train(was_training)
     if not diff <= TOLERANCE:  # also catches NaN
         raise RuntimeError(
-            f"exported GPT-2 logits differ from the original by {diff:.3g} (> {TOLERANCE}); nothing saved"
+            f"exported {stock_class.__name__} logits differ from the original by {diff:.3g} (> {TOLERANCE}); "
+            "nothing saved"
         )
 
-    gpt2 = gpt2.to(model.dtype)
+    stock = stock.to(model.dtype)
     if getattr(model, "generation_config", None) is not None:  # keep sampling defaults saved with the model
-        gpt2.generation_config = copy.deepcopy(model.generation_config)
-    gpt2.save_pretrained(output_dir)
+        stock.generation_config = copy.deepcopy(model.generation_config)
+    stock.save_pretrained(output_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(output_dir)
-    return gpt2
+    return stock
+
+
+def export_to_gpt2(model, output_dir: str | os.PathLike, tokenizer=None) -> GPT2LMHeadModel:
+    """`export_model(..., to="gpt2")`."""
+    return export_model(model, output_dir, to="gpt2", tokenizer=tokenizer)
 
 
 def load_checkpoint(path: str | os.PathLike):
@@ -130,19 +260,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--model", required=True, help="a recipe GPT checkpoint folder (save_pretrained output)"
     )
-    parser.add_argument("--to", choices=["gpt2"], default="gpt2", help="target architecture")
+    parser.add_argument(
+        "--to",
+        choices=TARGETS,
+        default=None,
+        help="target architecture (default: gpt2 for architecture gpt2; qwen3, or llama without qk_norm, for modern)",
+    )
     parser.add_argument("--output", required=True, help="folder to write the exported model to")
     args = parser.parse_args(argv)
 
     try:
         model, tokenizer = load_checkpoint(args.model)
-        gpt2 = export_to_gpt2(model, args.output, tokenizer=tokenizer)
+        stock = export_model(model, args.output, to=args.to, tokenizer=tokenizer)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"export failed: {err}", file=sys.stderr)
         return 1
-    n_params = sum(p.numel() for p in gpt2.parameters())
+    n_params = sum(p.numel() for p in stock.parameters())
     print(
-        f"exported {args.model} -> {args.output} as GPT2LMHeadModel ({n_params / 1e6:.2f}M parameters, "
+        f"exported {args.model} -> {args.output} as {type(stock).__name__} ({n_params / 1e6:.2f}M parameters, "
         f"logits verified within {TOLERANCE}){'' if tokenizer is None else ', with tokenizer'}"
     )
     return 0

@@ -1,9 +1,13 @@
-"""The recipe GPT: a GPT-2 family decoder written as a transformers 5 model.
+"""The recipe GPT: a decoder in two architectures (`config.architecture`), written as a transformers 5 model.
 
-Module names are GPT-2's (`transformer.wte/wpe/h/ln_f`, `ln_1/attn/ln_2/mlp`, `c_attn/c_proj/c_fc`), so the
-export to a stock `GPT2LMHeadModel` is a transpose, not a rename (GPT-2's `Conv1D` stores `nn.Linear`'s weight
-transposed). This file and `configuration_gpt.py` are copied into every checkpoint, so imports between them
-are relative and nothing else from `recipe` is imported.
+Both use GPT-2's module names (`transformer.wte/wpe/h/ln_f`, `ln_1/attn/ln_2/mlp`, `c_attn/c_proj/c_fc`):
+- "gpt2": the export to a stock `GPT2LMHeadModel` is a transpose, not a rename (GPT-2's `Conv1D` stores
+  `nn.Linear`'s weight transposed).
+- "modern": rotary positions (no `wpe`), RMSNorm, QK-norm (`attn.q_norm/k_norm`), a gated MLP whose `c_fc`
+  holds [gate; up], no biases. The layouts are Qwen3's / Llama's (rotate-half rotary, norm per head before the
+  rotation), so the export to them only splits the fused matrices.
+This file and `configuration_gpt.py` are copied into every checkpoint, so imports between them are relative
+and nothing else from `recipe` is imported.
 """
 
 import math
@@ -39,6 +43,46 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     return attn_output, attn_weights
 
 
+class GPTRMSNorm(nn.Module):
+    """RMSNorm with a gain, computed in fp32 as Qwen3 / Llama compute it (so the export matches in bf16 too)."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        hidden_states = hidden_states.float()
+        hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * hidden_states.to(dtype)
+
+
+def make_norm(config: GPTConfig, size: int) -> nn.Module:
+    if config.architecture == "modern":
+        return GPTRMSNorm(size, config.layer_norm_epsilon)
+    return nn.LayerNorm(size, eps=config.layer_norm_epsilon, bias=config.bias)
+
+
+def rotary_cos_sin(config: GPTConfig, position_ids: torch.Tensor, dtype: torch.dtype):
+    """cos, sin of shape (B or 1, T, hs) for the rotate-half layout (frequencies repeated in both halves).
+
+    Computed per forward from the positions: a few KB, and no buffer to materialise when loading."""
+    head_dim = config.hidden_size // config.num_attention_heads
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.float, device=position_ids.device) / head_dim
+    inv_freq = 1.0 / (config.rope_theta**exponent)  # (hs/2,)
+    freqs = position_ids[..., None].float() * inv_freq  # (B, T, hs/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hs)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, nh, T, hs); rotates the pairs (i, i + hs/2), as transformers' `rotate_half` does."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hs)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
 class GPTAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
@@ -53,18 +97,28 @@ class GPTAttention(nn.Module):
         self.c_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.bias)
         self.c_proj.is_residual_projection = True
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
+        self.rotary = config.architecture == "modern"
+        if config.qk_norm:
+            self.q_norm = GPTRMSNorm(self.head_dim, config.layer_norm_epsilon)
+            self.k_norm = GPTRMSNorm(self.head_dim, config.layer_norm_epsilon)
 
     def forward(
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, C = hidden_states.shape
         # One matmul for q, k, v; the split is a view: (B, T, 3C) -> 3 x (B, nh, T, hs).
         qkv = self.c_attn(hidden_states).view(B, T, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        if self.config.qk_norm:  # per head, over hs, before the rotation (Qwen3's order)
+            query, key = self.q_norm(query), self.k_norm(key)
+        if self.rotary:
+            cos, sin = position_embeddings
+            query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)  # (B, nh, S, hs), S = past + T
 
@@ -90,28 +144,34 @@ class GPTAttention(nn.Module):
 class GPTMLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.bias)
+        # Gated (modern): one matmul computes [gate; up], (B, T, C) -> (B, T, 2 x intermediate).
+        self.gated = config.architecture == "modern"
+        fc_out = config.intermediate_size * (2 if self.gated else 1)
+        self.c_fc = nn.Linear(config.hidden_size, fc_out, bias=config.bias)
         self.act = ACT2FN[config.hidden_act]
         self.c_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.bias)
         self.c_proj.is_residual_projection = True
         self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # (B, T, C) -> (B, T, intermediate) -> (B, T, C)
-        hidden_states = self.c_proj(self.act(self.c_fc(hidden_states)))
+        if self.gated:  # act(gate) * up, as Llama / Qwen3's MLP: (B, T, 2 x intermediate) -> (B, T, C)
+            gate, up = self.c_fc(hidden_states).chunk(2, dim=-1)
+            hidden_states = self.c_proj(self.act(gate) * up)
+        else:  # (B, T, C) -> (B, T, intermediate) -> (B, T, C)
+            hidden_states = self.c_proj(self.act(self.c_fc(hidden_states)))
         if self.training and self.dropout.p > 0:
             hidden_states = self.dropout(hidden_states)
         return hidden_states
 
 
 class GPTBlock(GradientCheckpointingLayer):
-    """Pre-LayerNorm block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+    """Pre-norm block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.ln_1 = make_norm(config, config.hidden_size)
         self.attn = GPTAttention(config, layer_idx)
-        self.ln_2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.ln_2 = make_norm(config, config.hidden_size)
         self.mlp = GPTMLP(config)
 
     def forward(
@@ -142,13 +202,19 @@ class GPTPreTrainedModel(PreTrainedModel):
     }
 
     def _init_weights(self, module: nn.Module) -> None:
-        """GPT-2 init. `init.*` skip tensors already loaded from a checkpoint."""
+        """GPT-2 init; modern: zero output projections. `init.*` skip tensors already loaded from a checkpoint."""
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
-            # The two residual projections per block are scaled by 1/sqrt(2 * n_layer) (GPT-2 paper) so the
-            # residual stream's variance does not grow with depth. Decided on the Linear itself: for remote code,
-            # transformers skips `_init_weights` on modules without direct parameters (GPTAttention, GPTMLP).
+            # Decided on the Linear itself: for remote code, transformers skips `_init_weights` on modules
+            # without direct parameters (GPTAttention, GPTMLP).
             if getattr(module, "is_residual_projection", False):
+                if self.config.architecture == "modern":
+                    # Each block starts as the identity (modded-nanogpt, nanochat); gradients still reach
+                    # the projection, and through it everything else from the second step on.
+                    init.zeros_(module.weight)
+                    return
+                # The two residual projections per block are scaled by 1/sqrt(2 * n_layer) (GPT-2 paper) so
+                # the residual stream's variance does not grow with depth.
                 std = std / math.sqrt(2 * self.config.num_hidden_layers)
             init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
@@ -159,6 +225,8 @@ class GPTPreTrainedModel(PreTrainedModel):
             init.ones_(module.weight)
             if module.bias is not None:
                 init.zeros_(module.bias)
+        elif isinstance(module, GPTRMSNorm):
+            init.ones_(module.weight)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # transformers writes only the saved class (and its config) into `auto_map`; add the base model so
@@ -175,10 +243,11 @@ class GPTModel(GPTPreTrainedModel):
     def __init__(self, config: GPTConfig):
         super().__init__(config)
         self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        if config.architecture == "gpt2":  # modern: rotary positions inside attention
+            self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.drop = nn.Dropout(config.embd_pdrop)
         self.h = nn.ModuleList([GPTBlock(config, i) for i in range(config.num_hidden_layers)])
-        self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.ln_f = make_norm(config, config.hidden_size)
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -212,7 +281,7 @@ class GPTModel(GPTPreTrainedModel):
         if position_ids is None:
             start = cache.get_seq_length() if cache is not None else 0  # tokens already in the cache
             end = start + inputs_embeds.shape[1]
-            if end > self.config.max_position_embeddings:
+            if end > self.config.max_position_embeddings and self.config.architecture == "gpt2":
                 raise ValueError(
                     f"sequence of {end} tokens is longer than max_position_embeddings "
                     f"({self.config.max_position_embeddings}): the learned positions end there"
@@ -228,7 +297,11 @@ class GPTModel(GPTPreTrainedModel):
             position_ids=position_ids,
         )
 
-        hidden_states = inputs_embeds + self.wpe(position_ids)
+        if self.config.architecture == "gpt2":
+            hidden_states = inputs_embeds + self.wpe(position_ids)
+        else:
+            hidden_states = inputs_embeds
+            kwargs["position_embeddings"] = rotary_cos_sin(self.config, position_ids, inputs_embeds.dtype)
         if self.training and self.drop.p > 0:
             hidden_states = self.drop(hidden_states)
         for block in self.h:

@@ -1,12 +1,13 @@
-"""Export to a stock GPT2LMHeadModel: same logits, a plain gpt2 folder, clear refusals."""
+"""Export to stock GPT2LMHeadModel / Qwen3ForCausalLM / LlamaForCausalLM: same logits, a plain folder that
+loads without remote code, clear refusals."""
 
 import json
 
 import pytest
 import torch
-from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from recipe.export import export_to_gpt2, main
+from recipe.export import export_model, export_to_gpt2, main
 
 
 def ids(vocab: int = 97) -> torch.Tensor:
@@ -91,3 +92,99 @@ def test_cli_refuses_bias_free_checkpoint(tiny_gpt, tmp_path, capsys):
     tiny_gpt(bias=False).save_pretrained(ckpt)
     assert main(["--model", str(ckpt), "--output", str(tmp_path / "out")]) == 1
     assert "bias=False" in capsys.readouterr().err
+
+
+# --- the modern architecture: Qwen3 (with QK-norm) or Llama (without) -----------------------------------
+
+
+@torch.no_grad()
+def randomised_modern(tiny_gpt, **overrides):
+    """Every parameter random, gains included: zero projections or unit gains would hide a wrong mapping
+    (a swapped gate/up, a q/k/v split off by one head, a rotary layout or norm placed elsewhere)."""
+    model = tiny_gpt(architecture="modern", intermediate_size=48, layer_norm_epsilon=1e-5, **overrides)
+    generator = torch.Generator().manual_seed(7)
+    for p in model.parameters():
+        noise = torch.randn(p.shape, generator=generator)
+        p.copy_(1 + 0.2 * noise if p.ndim == 1 else 0.3 * noise)
+    return model
+
+
+def assert_plain_folder(folder, model_type, architecture):
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == model_type and config["architectures"] == [architecture]
+    assert "auto_map" not in config
+    assert not list(folder.glob("*.py"))
+
+
+@pytest.mark.parametrize(
+    "overrides, model_type, stock_name",
+    [
+        ({}, "qwen3", "Qwen3ForCausalLM"),
+        ({"tie_word_embeddings": True, "rope_theta": 500.0}, "qwen3", "Qwen3ForCausalLM"),
+        ({"qk_norm": False}, "llama", "LlamaForCausalLM"),
+        ({"qk_norm": False, "hidden_act": "relu2", "tie_word_embeddings": True}, "llama", "LlamaForCausalLM"),
+    ],
+)
+def test_modern_export_matches_a_stock_model_loaded_without_remote_code(
+    tiny_gpt, tmp_path, overrides, model_type, stock_name
+):
+    model = randomised_modern(tiny_gpt, **overrides)
+    export_model(model, tmp_path)  # the target follows qk_norm
+    assert_plain_folder(tmp_path, model_type, stock_name)
+
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # no trust_remote_code
+    assert type(stock).__name__ == stock_name
+    assert stock.config.intermediate_size == 48 and stock.config.rms_norm_eps == 1e-5
+    assert stock.config.rope_parameters["rope_theta"] == model.config.rope_theta
+    tied = stock.lm_head.weight.data_ptr() == stock.model.embed_tokens.weight.data_ptr()
+    assert tied == model.config.tie_word_embeddings
+    x = ids()
+    with torch.no_grad():
+        ours, theirs = model(x).logits, stock(x).logits
+    assert (
+        ours.abs().max() > 1
+    )  # random weights: the logits are far from uniform, so a 1e-4 match means something
+    assert (theirs - ours).abs().max().item() < 1e-4
+    # Generation with a cache (rotary offsets, per-head norms on cached keys) and left padding agree too.
+    mask = torch.ones_like(x[:, :6])
+    mask[1, :2] = 0
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, attention_mask=mask)
+    assert torch.equal(stock.generate(x[:, :6], **kwargs), model.generate(x[:, :6], **kwargs))
+
+
+def test_export_refuses_what_the_target_cannot_represent(tiny_gpt, tmp_path):
+    cases = [
+        (tiny_gpt(architecture="modern"), "gpt2", "--to qwen3"),
+        (tiny_gpt(architecture="modern"), "llama", "qk_norm=True"),
+        (tiny_gpt(architecture="modern", qk_norm=False), "qwen3", "--to llama"),
+        (tiny_gpt(), "qwen3", "--to gpt2"),
+    ]
+    for i, (model, target, message) in enumerate(cases):
+        with pytest.raises(ValueError, match=message):
+            export_model(model, tmp_path / str(i), to=target)
+        assert not (tmp_path / str(i)).exists()
+
+
+def test_cli_exports_a_modern_checkpoint_to_qwen3_by_default(tiny_gpt, tiny_tokenizer, tmp_path, capsys):
+    tok = tiny_tokenizer
+    ckpt, out = tmp_path / "ckpt", tmp_path / "qwen3"
+    model = randomised_modern(tiny_gpt, vocab_size=len(tok), eos_token_id=tok.eos_token_id)
+    model.save_pretrained(ckpt)
+    tok.save_pretrained(ckpt)
+    assert main(["--model", str(ckpt), "--output", str(out)]) == 0
+    assert "Qwen3ForCausalLM" in capsys.readouterr().out
+    assert_plain_folder(out, "qwen3", "Qwen3ForCausalLM")
+    stock = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert AutoTokenizer.from_pretrained(out)("ROMEO")["input_ids"] == tok("ROMEO")["input_ids"]
+    x = ids(vocab=len(tok))
+    with torch.no_grad():
+        assert (stock(x).logits - model(x).logits).abs().max().item() < 1e-4
+    assert main(["--model", str(ckpt), "--to", "gpt2", "--output", str(tmp_path / "no")]) == 1
+    assert "--to qwen3" in capsys.readouterr().err
+
+
+def test_model_type_has_one_home():
+    from recipe import GPTConfig
+    from recipe.export import MODEL_TYPE
+
+    assert MODEL_TYPE is GPTConfig.model_type

@@ -1,4 +1,7 @@
-"""The recipe GPT as a transformers model: loss, cache, masks, attention backends, save/load, remote code."""
+"""The recipe GPT as a transformers model: loss, cache, masks, attention backends, save/load, remote code.
+
+Most tests run on both architectures (`make`): the modern model gets every parameter randomised, since its
+zero-initialised output projections would make attention (and so cache or rotary bugs) invisible."""
 
 import json
 import os
@@ -22,6 +25,30 @@ def ids(batch: int = 2, seq: int = 12, vocab: int = 97, seed: int = 1) -> torch.
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
+@torch.no_grad()
+def randomise(model, seed: int = 0):
+    """Every matrix ~ N(0, initializer_range), every gain ~ 1 + N(0, 0.1): nothing left at a neutral init."""
+    generator = torch.Generator().manual_seed(seed)
+    std = model.config.initializer_range
+    for p in model.parameters():
+        noise = torch.randn(p.shape, generator=generator)
+        p.copy_(1 + 0.1 * noise if p.ndim == 1 else std * noise)
+    return model
+
+
+@pytest.fixture(params=["gpt2", "modern"])
+def make(request, tiny_gpt):
+    """`make(**overrides)`: a tiny model of the parametrised architecture (modern: randomised)."""
+
+    def build(**overrides):
+        if request.param == "gpt2":
+            return tiny_gpt(**overrides)
+        return randomise(tiny_gpt(architecture="modern", **overrides))
+
+    build.arch = request.param
+    return build
+
+
 # --- config -------------------------------------------------------------------------------------------
 
 
@@ -39,6 +66,9 @@ def ids(batch: int = 2, seq: int = 12, vocab: int = 97, seed: int = 1) -> torch.
         ("attn_pdrop", 1.5),
         ("hidden_act", "gelu_fancy"),
         ("layer_norm_epsilon", 0.0),
+        ("architecture", "llama"),
+        ("rope_theta", 0.0),
+        ("qk_norm", True),  # gpt2 has none
     ],
 )
 def test_invalid_config_raises_value_error_naming_the_field(field, value):
@@ -59,6 +89,79 @@ def test_config_resolves_intermediate_size_and_round_trips(tmp_path):
     assert {**loaded.to_dict(), "_name_or_path": ""} == config.to_dict()
 
 
+def test_modern_config_defaults_and_refusals(tmp_path):
+    config = GPTConfig(architecture="modern", hidden_size=96, num_attention_heads=4)
+    assert (
+        config.intermediate_size == 256
+    )  # 8/3 x 96 = 256: the gated MLP's three matrices ~ 4 x hidden's two
+    assert (config.hidden_act, config.bias, config.qk_norm, config.tie_word_embeddings) == (
+        "silu",
+        False,
+        True,
+        False,
+    )
+    config.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert (loaded.architecture, loaded.intermediate_size, loaded.qk_norm) == ("modern", 256, True)
+    gpt2 = GPTConfig(hidden_size=96, num_attention_heads=4)
+    assert (gpt2.architecture, gpt2.hidden_act, gpt2.bias, gpt2.qk_norm) == (
+        "gpt2",
+        "gelu_pytorch_tanh",
+        True,
+        False,
+    )
+    with pytest.raises(ValueError, match="bias"):
+        GPTConfig(architecture="modern", bias=True)
+    with pytest.raises(ValueError, match="rotary"):
+        GPTConfig(architecture="modern", hidden_size=12, num_attention_heads=4)  # odd head size
+
+
+def test_modern_initialisation_and_modules(tiny_gpt):
+    model = tiny_gpt(architecture="modern", hidden_size=128)
+    assert not hasattr(model.transformer, "wpe")  # rotary positions
+    assert all(
+        p.ndim == 2 or name.endswith("norm.weight") or ".ln_" in name for name, p in model.named_parameters()
+    )
+    block = model.transformer.h[0]
+    assert torch.all(block.attn.c_proj.weight == 0) and torch.all(block.mlp.c_proj.weight == 0)
+    for gain in (
+        block.ln_1.weight,
+        block.attn.q_norm.weight,
+        block.attn.k_norm.weight,
+        model.transformer.ln_f.weight,
+    ):
+        assert torch.all(gain == 1)
+    assert block.mlp.c_fc.weight.shape == (2 * model.config.intermediate_size, 128)  # [gate; up]
+    assert abs(block.attn.c_attn.weight.std().item() - 0.02) < 0.002
+    assert model.lm_head.weight.data_ptr() != model.transformer.wte.weight.data_ptr()
+    # Zero projections: at init every block is the identity, so the logits see only the current token.
+    x = ids()
+    changed = x.clone()
+    changed[:, 0] = (changed[:, 0] + 1) % 97
+    torch.testing.assert_close(model(x).logits[:, 1:], model(changed).logits[:, 1:])
+
+
+def test_modern_positions_are_relative():
+    """Rotary attention scores depend on position differences only: a prefix of pad-free tokens shifted by
+    position_ids gives the same logits (learned absolute positions would not)."""
+    torch.manual_seed(0)
+    model = randomise(
+        GPTForCausalLM(
+            GPTConfig(
+                architecture="modern",
+                vocab_size=97,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=64,
+            )
+        )
+    ).eval()
+    x = ids(batch=1, seq=10)
+    shifted = torch.arange(7, 17).unsqueeze(0)
+    torch.testing.assert_close(model(x).logits, model(x, position_ids=shifted).logits, rtol=1e-4, atol=1e-4)
+
+
 def test_gpt2_initialisation(tiny_gpt):
     model = tiny_gpt(hidden_size=128, num_hidden_layers=2)
     block = model.transformer.h[0]
@@ -74,8 +177,8 @@ def test_gpt2_initialisation(tiny_gpt):
 # --- loss ---------------------------------------------------------------------------------------------
 
 
-def test_loss_is_shifted_cross_entropy(tiny_gpt):
-    model, x = tiny_gpt(), ids()
+def test_loss_is_shifted_cross_entropy(make):
+    model, x = make(), ids()
     labels = x.clone()
     labels[0, 3] = -100
     out = model(x, labels=labels)
@@ -87,8 +190,8 @@ def test_loss_is_shifted_cross_entropy(tiny_gpt):
     torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_shift_labels_give_the_same_loss_as_labels(tiny_gpt):
-    model, x = tiny_gpt(), ids()
+def test_shift_labels_give_the_same_loss_as_labels(make):
+    model, x = make(), ids()
     labels = x.clone()
     labels[1, 5:8] = -100
     shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100)  # what the data pipeline stores
@@ -98,8 +201,8 @@ def test_shift_labels_give_the_same_loss_as_labels(tiny_gpt):
     assert not torch.allclose(model(x, shift_labels=labels).loss, from_labels)  # unshifted would be wrong
 
 
-def test_num_items_in_batch_sums_micro_batches_to_the_full_batch_mean(tiny_gpt):
-    model, x = tiny_gpt(), ids(batch=4)
+def test_num_items_in_batch_sums_micro_batches_to_the_full_batch_mean(make):
+    model, x = make(), ids(batch=4)
     labels = x.clone()
     labels[0, 2:] = -100  # uneven token counts per micro-batch
     full = model(x, labels=labels).loss
@@ -110,8 +213,8 @@ def test_num_items_in_batch_sums_micro_batches_to_the_full_batch_mean(tiny_gpt):
     assert not torch.allclose(naive, full)
 
 
-def test_logits_to_keep_and_tuple_output(tiny_gpt):
-    model, x = tiny_gpt(), ids()
+def test_logits_to_keep_and_tuple_output(make):
+    model, x = make(), ids()
     full = model(x).logits
     last = model(x, logits_to_keep=1).logits
     assert last.shape == (2, 1, 97)
@@ -120,11 +223,13 @@ def test_logits_to_keep_and_tuple_output(tiny_gpt):
     torch.testing.assert_close(logits, full)
 
 
-def test_output_hidden_states(tiny_gpt):
-    model, x = tiny_gpt(), ids()
+def test_output_hidden_states(make):
+    model, x = make(), ids()
     out = model(x, output_hidden_states=True)
     assert len(out.hidden_states) == 3  # embeddings + one per block
-    embeddings = model.transformer.wte(x) + model.transformer.wpe.weight[: x.shape[1]]
+    embeddings = model.transformer.wte(x)
+    if make.arch == "gpt2":
+        embeddings = embeddings + model.transformer.wpe.weight[: x.shape[1]]
     torch.testing.assert_close(out.hidden_states[0], embeddings)
     torch.testing.assert_close(out.hidden_states[-1], model.transformer(x).last_hidden_state)
 
@@ -132,8 +237,8 @@ def test_output_hidden_states(tiny_gpt):
 # --- attention, masks, cache --------------------------------------------------------------------------
 
 
-def test_causality(tiny_gpt):
-    model, x = tiny_gpt(), ids()
+def test_causality(make):
+    model, x = make(), ids()
     changed = x.clone()
     changed[:, 7] = (changed[:, 7] + 1) % 97
     a, b = model(x).logits, model(changed).logits
@@ -142,8 +247,8 @@ def test_causality(tiny_gpt):
 
 
 @pytest.mark.parametrize("padded", [False, True])
-def test_eager_and_sdpa_logits_agree(tiny_gpt, padded):
-    model, x = tiny_gpt(), ids()
+def test_eager_and_sdpa_logits_agree(make, padded):
+    model, x = make(), ids()
     mask = torch.ones_like(x)
     if padded:
         mask[1, :4] = 0  # left padding on the second row
@@ -155,16 +260,16 @@ def test_eager_and_sdpa_logits_agree(tiny_gpt, padded):
     torch.testing.assert_close(sdpa[keep], eager[keep], rtol=1e-5, atol=1e-5)
 
 
-def test_default_cache_only_outside_training(tiny_gpt):
-    model, x = tiny_gpt(), ids()
+def test_default_cache_only_outside_training(make):
+    model, x = make(), ids()
     assert isinstance(model(x).cache, DynamicCache)
     assert model(x).cache.get_seq_length() == x.shape[1]
     model.train()
     assert model(x).cache is None
 
 
-def test_cached_generation_equals_uncached_and_a_manual_loop(tiny_gpt):
-    model, prompt = tiny_gpt(**SHARP), ids(batch=2, seq=5)
+def test_cached_generation_equals_uncached_and_a_manual_loop(make):
+    model, prompt = make(**SHARP), ids(batch=2, seq=5)
     kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
     cached = model.generate(prompt, use_cache=True, **kwargs)
     uncached = model.generate(prompt, use_cache=False, **kwargs)
@@ -178,8 +283,8 @@ def test_cached_generation_equals_uncached_and_a_manual_loop(tiny_gpt):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_left_padded_batch_generates_like_each_row_alone(tiny_gpt, attn):
-    model = tiny_gpt(**SHARP, attn_implementation=attn)
+def test_left_padded_batch_generates_like_each_row_alone(make, attn):
+    model = make(**SHARP, attn_implementation=attn)
     long, short = ids(batch=1, seq=7, seed=2)[0], ids(batch=1, seq=4, seed=3)[0]
     pad = 96
     batch = torch.stack([long, torch.cat([torch.full((3,), pad), short])])
@@ -191,8 +296,8 @@ def test_left_padded_batch_generates_like_each_row_alone(tiny_gpt, attn):
         assert torch.equal(together[row : row + 1], alone), row
 
 
-def test_gradient_checkpointing_recomputes_and_matches_gradients(tiny_gpt):
-    model, x = tiny_gpt(), ids()
+def test_gradient_checkpointing_recomputes_and_matches_gradients(make):
+    model, x = make(), ids()
     model.train()
     calls = []
     for block in model.transformer.h:
@@ -216,18 +321,20 @@ def test_gradient_checkpointing_recomputes_and_matches_gradients(tiny_gpt):
 # --- save / load --------------------------------------------------------------------------------------
 
 
-def test_tied_embeddings_are_one_tensor_also_after_save_and_load(tiny_gpt, tmp_path):
-    model = tiny_gpt()
-    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+@pytest.mark.parametrize("tied", [True, False])
+def test_tied_embeddings_are_one_tensor_also_after_save_and_load(make, tmp_path, tied):
+    model = make(tie_word_embeddings=tied)
+    assert (model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()) == tied
     model.save_pretrained(tmp_path)
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
-        assert "lm_head.weight" not in f.keys()
+        assert ("lm_head.weight" in f.keys()) != tied
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
-    assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()
+    assert (loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()) == tied
+    torch.testing.assert_close(loaded.lm_head.weight, model.lm_head.weight, rtol=0, atol=0)
 
 
-def test_save_load_round_trip_through_auto_classes(tiny_gpt, tmp_path):
-    model, x = tiny_gpt(), ids()
+def test_save_load_round_trip_through_auto_classes(make, tmp_path):
+    model, x = make(), ids()
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["model_type"] == "recipe_gpt"
@@ -239,7 +346,8 @@ def test_save_load_round_trip_through_auto_classes(tiny_gpt, tmp_path):
     assert (tmp_path / "modeling_gpt.py").is_file() and (tmp_path / "configuration_gpt.py").is_file()
 
     config = AutoConfig.from_pretrained(tmp_path)
-    assert isinstance(config, GPTConfig) and config.hidden_size == 32 and config.intermediate_size == 128
+    assert isinstance(config, GPTConfig) and config.hidden_size == 32 and config.architecture == make.arch
+    assert config.intermediate_size == model.config.intermediate_size
     lm = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(lm) is GPTForCausalLM
     torch.testing.assert_close(lm(x).logits, model(x).logits, rtol=0, atol=0)
@@ -250,8 +358,8 @@ def test_save_load_round_trip_through_auto_classes(tiny_gpt, tmp_path):
     )
 
 
-def test_attn_implementation_switch_via_from_pretrained(tiny_gpt, tmp_path):
-    model, x = tiny_gpt(), ids()
+def test_attn_implementation_switch_via_from_pretrained(make, tmp_path):
+    model, x = make(), ids()
     model.save_pretrained(tmp_path)
     eager = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager")
     assert eager.config._attn_implementation == "eager"
@@ -261,15 +369,17 @@ def test_attn_implementation_switch_via_from_pretrained(tiny_gpt, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(tmp_path).config._attn_implementation == "sdpa"
 
 
-def test_bf16_load(tiny_gpt, tmp_path):
-    model, x = tiny_gpt(), ids()
+def test_bf16_load(make, tmp_path):
+    model, x = make(), ids()
     model.save_pretrained(tmp_path)
     bf16 = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
     assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
-    assert bf16.lm_head.weight.data_ptr() == bf16.transformer.wte.weight.data_ptr()
+    tied = bf16.lm_head.weight.data_ptr() == bf16.transformer.wte.weight.data_ptr()
+    assert tied == model.config.tie_word_embeddings
     out = bf16(x, labels=x)
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
-    torch.testing.assert_close(out.logits.float(), model(x).logits, rtol=0, atol=2e-2)
+    # Random tiny logits are O(1) for the modern model (gains ~1, no 1/sqrt(n) shrink): compare relative to them.
+    torch.testing.assert_close(out.logits.float(), model(x).logits, rtol=2e-2, atol=2e-2)
     assert bf16.generate(x[:, :4], max_new_tokens=3, do_sample=False, pad_token_id=0).shape == (2, 7)
 
 
@@ -297,8 +407,8 @@ print(json.dumps({"module": type(lm).__module__, "base": type(base).__name__, "d
 """
 
 
-def test_trust_remote_code_in_a_process_without_recipe(tiny_gpt, tmp_path):
-    model, x = tiny_gpt(), ids()
+def test_trust_remote_code_in_a_process_without_recipe(make, tmp_path):
+    model, x = make(), ids()
     ckpt = tmp_path / "ckpt"
     model.save_pretrained(ckpt)
     torch.save(x, ckpt / "x.pt")
@@ -319,12 +429,12 @@ def test_trust_remote_code_in_a_process_without_recipe(tiny_gpt, tmp_path):
     assert result["module"].startswith("transformers_modules.")
     assert result["base"] == "GPTModel"
     assert result["diff"] == 0.0
-    assert result["tied"] and result["generated"] == [2, 7]
+    assert result["tied"] == model.config.tie_word_embeddings and result["generated"] == [2, 7]
 
 
-def test_text_generation_pipeline(tiny_gpt, tiny_tokenizer, tmp_path):
+def test_text_generation_pipeline(make, tiny_tokenizer, tmp_path):
     tok = tiny_tokenizer
-    model = tiny_gpt(
+    model = make(
         vocab_size=len(tok),
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
@@ -336,3 +446,18 @@ def test_text_generation_pipeline(tiny_gpt, tiny_tokenizer, tmp_path):
     out = generator("ROMEO:", max_new_tokens=5, do_sample=False)
     text = out[0]["generated_text"]
     assert text.startswith("ROMEO:") and len(text) > len("ROMEO:")
+
+
+def test_dropout_only_in_training(make):
+    model, x = make(embd_pdrop=0.3, resid_pdrop=0.3, attn_pdrop=0.3), ids()
+    torch.testing.assert_close(model(x).logits, model(x).logits, rtol=0, atol=0)
+    model.train()
+    assert not torch.allclose(model(x).logits, model(x).logits)
+    model.eval()
+    model.transformer.h[0].mlp.dropout.p = 0.0
+    model.train()
+    torch.manual_seed(0)
+    a = model(x).logits
+    model.transformer.h[0].mlp.dropout.p = 0.3
+    torch.manual_seed(0)
+    assert not torch.allclose(a, model(x).logits)  # the MLP's dropout is applied (both architectures)

@@ -1,0 +1,175 @@
+"""Parameter groups, the optimizers (AdamW, or Muon + AdamW) and the learning-rate schedule (warmup, then
+cosine to a floor)."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+from transformers import get_cosine_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
+
+from recipe.config import ConfigError, RunConfig
+
+
+def param_groups(
+    model: torch.nn.Module, weight_decay: float, skip: list[torch.nn.Parameter] | None = None
+) -> list[dict[str, Any]]:
+    """Decay the matmul weights only: biases, LayerNorm gains and embeddings are left alone (GPT-2/3).
+    Parameters in `skip` (those another optimizer owns) are left out."""
+    no_decay_types = (torch.nn.Embedding, torch.nn.LayerNorm)
+    decay, no_decay, seen = [], [], {id(p) for p in skip or []}
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) in seen or not p.requires_grad:
+                continue  # the tied LM head is the embedding: counted once, undecayed
+            seen.add(id(p))
+            (
+                no_decay if isinstance(module, no_decay_types) or name == "bias" or p.ndim < 2 else decay
+            ).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def hidden_matrices(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The 2-D weights of the hidden `nn.Linear` layers: what Muon trains. Embeddings, the LM head (tied or
+    not), norm gains and biases stay with AdamW (Muon's orthogonalised update suits hidden maps only)."""
+    model = getattr(model, "module", model)  # a DDP wrapper: look at the model inside
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    not_hidden = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    if head is not None:
+        not_hidden.add(id(head.weight))
+    found, seen = [], set()
+    for module in model.modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        p = module.weight
+        if p.requires_grad and p.ndim == 2 and id(p) not in not_hidden and id(p) not in seen:
+            seen.add(id(p))
+            found.append(p)
+    return found
+
+
+def newton_schulz(grad: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype=torch.float32) -> torch.Tensor:
+    """Approximately orthogonalise a 2-D matrix (U S V^T -> U S' V^T, S' ~ 1), Keller Jordan's quintic
+    iteration as in `torch.optim.Muon`, but in `dtype`: torch's casts to bf16, which is ~20x slower on CPUs
+    without native bf16 (HF_NOTES section 12)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = grad.to(dtype)
+    transposed = grad.size(0) > grad.size(1)
+    if transposed:  # iterate on the smaller Gram matrix
+        x = x.T
+    x = x / x.norm().clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return (x.T if transposed else x).to(grad.dtype)
+
+
+class Muon(torch.optim.Muon):
+    """`torch.optim.Muon` (same hyperparameters, state and `state_dict`) with the Newton-Schulz iteration run
+    in `ns_dtype`: fp32 on CPU, bf16 on GPUs. torch's `step` has no hook for the iteration, so it is redone
+    here; the maths is torch's (Nesterov momentum, decoupled weight decay, `adjust_lr_fn` scaling)."""
+
+    def __init__(self, params, ns_dtype: torch.dtype = torch.float32, **kwargs):
+        super().__init__(params, **kwargs)
+        self.ns_dtype = ns_dtype  # not part of the state: a property of the machine, not of the run
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, momentum = float(group["lr"]), group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - momentum)
+                update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+                update = newton_schulz(update, group["ns_steps"], group["eps"], self.ns_dtype)
+                rows, cols = p.shape
+                if group["adjust_lr_fn"] == "match_rms_adamw":  # update RMS ~ AdamW's: reuse its lr and decay
+                    scale = 0.2 * math.sqrt(max(rows, cols))
+                else:  # "original" (Keller Jordan)
+                    scale = math.sqrt(max(1.0, rows / cols))
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(update, alpha=-lr * scale)
+        return loss
+
+
+def refuse_sharded(model: torch.nn.Module) -> None:
+    """Muon orthogonalises whole matrices; under FSDP each rank holds a shard, so it would orthogonalise
+    shards (a different, wrong update). Refuse at start-up instead."""
+    from torch.distributed.tensor import DTensor
+
+    fsdp_env = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+    if fsdp_env or any(isinstance(p, DTensor) for p in model.parameters()):
+        raise ConfigError(
+            "optim: muon is not supported with FSDP (it orthogonalises whole matrices, FSDP shards them); "
+            "use optim: adamw with FSDP, or DDP (accelerate launch --multi_gpu) with muon"
+        )
+
+
+def build_optimizers(model: torch.nn.Module, cfg: RunConfig, device_type: str) -> list[torch.optim.Optimizer]:
+    """The optimizers of a run, each to be passed to `accelerator.prepare` on its own (a wrapper around
+    several stops stepping once prepared), each with its own scheduler.
+
+    `optim: adamw`: one AdamW for everything. `optim: muon`: [AdamW for embeddings, LM head, gains and
+    biases; Muon for the hidden matrices]. Every trainable parameter is in exactly one optimizer.
+    Fused AdamW on CUDA, foreach elsewhere."""
+    fused = device_type == "cuda"
+    muon_params = []
+    if cfg.optim == "muon":
+        refuse_sharded(model)
+        muon_params = hidden_matrices(model)
+    adamw = torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay, skip=muon_params),
+        lr=cfg.learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_epsilon,
+        fused=fused or None,
+        foreach=None if fused else True,
+    )
+    if cfg.optim != "muon":
+        return [adamw]
+    muon = Muon(
+        muon_params,
+        ns_dtype=torch.bfloat16 if device_type == "cuda" else torch.float32,
+        lr=cfg.muon_learning_rate or cfg.learning_rate,
+        momentum=cfg.muon_momentum,
+        weight_decay=cfg.weight_decay,
+        adjust_lr_fn="match_rms_adamw",
+    )
+    return [adamw, muon]
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, cfg: RunConfig, num_processes: int = 1):
+    """Linear warmup, then cosine down to `min_lr_ratio` of the peak (0: down to zero).
+
+    A scheduler prepared by accelerate steps once per process per optimizer step, so the horizon is scaled
+    by the number of processes (HF_NOTES section 9)."""
+    warmup, total = cfg.warmup_steps * num_processes, cfg.max_steps * num_processes
+    if cfg.min_lr_ratio > 0:
+        return get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, warmup, total, min_lr_rate=cfg.min_lr_ratio
+        )
+    return get_cosine_schedule_with_warmup(optimizer, warmup, total)
+
+
+def schedule_curve(cfg: RunConfig) -> tuple[list[int], list[float]]:
+    """The whole learning-rate schedule, step by step, for lr.png (independent of what was logged)."""
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.learning_rate)
+    sched = make_schedule(opt, cfg)
+    steps, lrs = [], []
+    for step in range(cfg.max_steps):
+        steps.append(step + 1)
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    return steps, lrs
