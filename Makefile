@@ -12,7 +12,7 @@ PROMPT ?= Romeo.
 TORCH_SPEC ?= $(shell if command -v nvidia-smi >/dev/null 2>&1; then echo "torch>=2.4"; else echo "torch==2.13.0"; fi)
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train test data sample bench lint clean
+.PHONY: setup train test data sample bench bench-learning lint clean gpu-check
 
 setup: $(STAMP)
 
@@ -39,6 +39,21 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m recipe.bench $(ARGS)
+
+# Held-out bits per byte against training cost for the default run and the candidates (long: runs train.py
+# one after another; ARGS="--baseline_steps 150" for a short look). Plot: docs/learning.png.
+bench-learning: $(STAMP)
+	$(PY) -m recipe.bench_learning $(ARGS)
+
+# A GPU machine's first minutes (README, "Checking a GPU machine"): no venv, no pip, no network. It uses the
+# venv's Python where there is one, else $(PYTHON); `make gpu-check PYTHON=python3` names the Python to use.
+# DRY_RUN=1 rehearses it on a CPU. WHEELS=<folder> first installs what is missing from wheels brought along.
+GPU_CHECK_PY = $(if $(filter command line,$(origin PYTHON)),$(PYTHON),$(if $(wildcard $(PY)),$(PY),$(PYTHON)))
+
+gpu-check:
+	@if [ -n "$(WHEELS)" ]; then $(GPU_CHECK_PY) -m pip install -q --no-index --find-links "$(WHEELS)" \
+		'transformers>=5.24,<6' 'accelerate>=1.15'; fi
+	$(GPU_CHECK_PY) recipe/gpu_check.py $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run) $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check recipe tests

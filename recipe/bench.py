@@ -5,12 +5,14 @@
 Prints a table with ratios and appends it to BENCHMARKS.md with the date and machine.
 Sections: ours vs stock GPT2LMHeadModel (tokens/s and MFU against the measured matmul peak); the full
 train.py loop vs a bare step loop; eager vs sdpa; torch.compile off vs on; fp32 vs bf16 autocast;
-tokenization of the default corpus (MB/s), cold and from cache.
+tokenization of the default corpus (MB/s), cold and from cache; data preparation at two corpus sizes 10x
+apart (peak memory, cache and speed per token).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -27,25 +29,31 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from recipe import GPTConfig, GPTForCausalLM
-from recipe.config import RunConfig, load_config
+from recipe import GPTForCausalLM
+from recipe.bench_data import bench_data
+from recipe.bench_data import parse_args as bench_data_args
+from recipe.config import RunConfig, gpt_config, load_config
 from recipe.export import gpt2_state_dict_from
 from recipe.metrics import flops_per_token, measure_matmul_peak
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+class _Vocab:
+    """What `gpt_config` reads of a tokenizer: its size and special token ids."""
+
+    bos_token_id = eos_token_id = pad_token_id = 0
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+
 def build_ours(cfg: RunConfig, vocab: int, attn: str = "sdpa") -> GPTForCausalLM:
-    config = GPTConfig(
-        vocab_size=vocab,
-        max_position_embeddings=cfg.block_size,
-        hidden_size=cfg.hidden_size,
-        num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        intermediate_size=cfg.intermediate_size,
-    )
-    config._attn_implementation = attn
-    return GPTForCausalLM(config)
+    """The model train.py builds for `cfg` (the same mapping, recipe.config.gpt_config), with `attn`."""
+    return GPTForCausalLM(gpt_config(dataclasses.replace(cfg, attn_implementation=attn), _Vocab(vocab)))
 
 
 def build_stock(cfg: RunConfig, vocab: int, activation: str = "gelu_new") -> GPT2LMHeadModel:
@@ -271,7 +279,7 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--config", default=str(ROOT / "configs" / "shakespeare.yaml"))
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--skip", default="", help="comma-separated: models, compile, loop, tokenization")
+    p.add_argument("--skip", default="", help="comma-separated: models, compile, loop, tokenization, data")
     p.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
     args = p.parse_args(argv)
     args.skip = set(filter(None, args.skip.split(",")))
@@ -295,6 +303,9 @@ def main(argv: list[str] | None = None) -> str:
         "models": lambda: bench_models(cfg, vocab, args, peak),
         "loop": lambda: bench_loop(cfg, args.config, vocab, args),
         "tokenization": lambda: bench_tokenization(args.config),
+        "data": lambda: bench_data(
+            bench_data_args([])
+        ),  # preparation at two corpus sizes (recipe/bench_data.py)
     }
     started = time.perf_counter()
     for name, run in sections.items():

@@ -4,7 +4,8 @@
         --temperature 0.8 --top_k 200 --top_p 0.95 --num_return_sequences 1 --seed 0
 
 Loads through `AutoModelForCausalLM` / `AutoTokenizer`, so any causal LM folder or Hub id works, ours included.
-Greedy decoding when --temperature is 0.
+Sampling settings not given here come from the model's own `generation_config.json` (ours: temperature 0.8,
+top-k 200, saved by training). Greedy decoding when --temperature is 0.
 """
 
 from __future__ import annotations
@@ -22,18 +23,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="a model folder (e.g. outputs/shakespeare) or a Hub id")
     p.add_argument("--prompt", default="\n", help="text to continue")
     p.add_argument("--max_new_tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top_k", type=int, default=200, help="0 = no top-k filtering")
-    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling, in (0, 1]")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's)")
+    p.add_argument("--top_k", type=int, default=None, help="0 = no top-k filtering (default: the model's)")
+    p.add_argument(
+        "--top_p", type=float, default=None, help="nucleus sampling, in (0, 1] (default: the model's)"
+    )
     p.add_argument("--num_return_sequences", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     args = p.parse_args(argv)
-    if args.temperature < 0:
+    if args.temperature is not None and args.temperature < 0:
         p.error(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
-    if not 0 < args.top_p <= 1:
+    if args.top_p is not None and not 0 < args.top_p <= 1:
         p.error(f"--top_p must be in (0, 1], got {args.top_p}")
-    if args.top_k < 0:
+    if args.top_k is not None and args.top_k < 0:
         p.error(f"--top_k must be >= 0, got {args.top_k}")
     if args.max_new_tokens <= 0:
         p.error(f"--max_new_tokens must be positive, got {args.max_new_tokens}")
@@ -69,15 +72,17 @@ def generate(args: argparse.Namespace) -> list[str]:
             file=sys.stderr,
         )
     greedy = args.temperature == 0
-    sampling = (
-        {} if greedy else {"temperature": args.temperature, "top_k": args.top_k or None, "top_p": args.top_p}
-    )
+    given = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+    sampling = {"do_sample": False} if greedy else {k: v for k, v in given.items() if v is not None}
+    if sampling.get("top_k") == 0:
+        sampling["top_k"] = None
+    if not greedy and sampling:  # a sampling setting given here means sampling, whatever the model's default
+        sampling["do_sample"] = True
     streamer = TextStreamer(tokenizer, skip_special_tokens=True) if args.num_return_sequences == 1 else None
     with torch.no_grad():
         out = model.generate(
             ids,
             max_new_tokens=args.max_new_tokens,
-            do_sample=not greedy,
             num_return_sequences=args.num_return_sequences,
             streamer=streamer,
             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,

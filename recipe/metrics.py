@@ -29,7 +29,8 @@ def flops_per_token(config: Any, seq_len: int) -> float:
     """
     hidden, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
     inner = config.intermediate_size or 4 * hidden
-    per_layer = 4 * hidden * hidden + 2 * hidden * inner  # qkv + out projection, MLP up + down
+    mlp = 3 if getattr(config, "architecture", "gpt2") == "modern" else 2  # SwiGLU: gate, up, down
+    per_layer = 4 * hidden * hidden + mlp * hidden * inner  # qkv + out projection, MLP
     n_matmul = layers * per_layer + vocab * hidden
     return 6 * n_matmul + 12 * layers * hidden * seq_len
 
@@ -49,6 +50,7 @@ _GPU_PEAK_BF16 = {
 
 
 def gpu_peak_flops(device: torch.device, mixed_precision: str) -> float | None:
+    """One GPU's dense peak from its data sheet, or None (not a GPU, or one we have no figure for)."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
@@ -56,6 +58,17 @@ def gpu_peak_flops(device: torch.device, mixed_precision: str) -> float | None:
         if key in name:
             return peak if mixed_precision in ("bf16", "fp16") else peak / 2  # fp32 matmuls run as TF32
     return None
+
+
+def run_peak_flops(device: torch.device, mixed_precision: str, num_processes: int) -> float | None:
+    """The peak of every device in the run: MFU = global tokens/s x FLOPs per token / this.
+
+    On GPUs each process has its own; on a CPU the processes share one machine's cores, and each measures
+    while the others do, so its share times the number of processes is the machine's peak."""
+    per_process = gpu_peak_flops(device, mixed_precision)
+    if per_process is None and device.type == "cpu":
+        per_process = measure_matmul_peak("cpu")
+    return None if per_process is None else per_process * num_processes
 
 
 def measure_matmul_peak(
@@ -104,8 +117,11 @@ def results_table(results: dict[str, float], vocab_size: int) -> str:
     """The summary a user reads at the end of a run, against the random-guess baseline ln(V)."""
     baseline = math.log(vocab_size)
     rows = [("", "model", f"random (ln {vocab_size})")]
-    rows.append(("validation loss (nats/token)", f"{results['eval_loss']:.4f}", f"{baseline:.4f}"))
-    rows.append(("perplexity", f"{results['perplexity']:.2f}", f"{vocab_size}"))
+    if "eval_loss" in results:  # a checkpoint saved before the first evaluation has none
+        rows.append(("validation loss (nats/token)", f"{results['eval_loss']:.4f}", f"{baseline:.4f}"))
+        rows.append(("perplexity", f"{results['perplexity']:.2f}", f"{vocab_size}"))
+    if "eval_accuracy" in results:
+        rows.append(("next-token accuracy", f"{results['eval_accuracy']:.4f}", f"{1 / vocab_size:.4f}"))
     if results.get("eval_bits_per_byte") is not None:
         rows.append(
             (

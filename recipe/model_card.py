@@ -7,6 +7,18 @@ from typing import Any
 
 import yaml
 
+DESCRIPTION = {
+    "gpt2": "GPT-2 architecture: pre-LayerNorm, learned positions, GELU MLP, tied embeddings",
+    "modern": "modern architecture: rotary positions, RMSNorm, QK-norm, SwiGLU MLP, no biases, untied embeddings",
+}
+
+
+def stock_class(cfg: Any) -> str:
+    """The stock transformers class `recipe.export` writes for this architecture."""
+    if cfg.architecture == "gpt2":
+        return "GPT2LMHeadModel"
+    return "LlamaForCausalLM" if cfg.qk_norm is False else "Qwen3ForCausalLM"
+
 
 def write_model_card(
     output_dir: Path, cfg: Any, data: Any, results: dict[str, Any], table: str, sample: str | None
@@ -20,6 +32,7 @@ def write_model_card(
         "license": "apache-2.0",
     }
     model_keys = [
+        "architecture",
         "hidden_size",
         "num_hidden_layers",
         "num_attention_heads",
@@ -32,6 +45,7 @@ def write_model_card(
         "max_steps",
         "per_device_train_batch_size",
         "gradient_accumulation_steps",
+        "optim",
         "learning_rate",
         "warmup_steps",
         "min_lr_ratio",
@@ -48,9 +62,8 @@ def write_model_card(
         "",
         f"# {name}",
         "",
-        f"A GPT ({results['num_parameters'] / 1e6:.2f}M parameters, GPT-2 architecture: pre-LayerNorm, learned "
-        "positions, tied embeddings) pretrained from scratch with gpt-recipe "
-        "on " + data.source + ".",
+        f"A GPT ({results['num_parameters'] / 1e6:.2f}M parameters, {DESCRIPTION[cfg.architecture]}) "
+        "pretrained from scratch with gpt-recipe on " + data.source + ".",
         "",
         "## Results",
         "",
@@ -60,7 +73,11 @@ def write_model_card(
         table,
         "",
         f"Trained for {results['global_step']} optimizer steps on {results['train_tokens']:,} tokens "
-        + (f"({train.tokens:,} tokens in the training split) " if train.tokens else "(streamed) ")
+        + (
+            f"(streamed: {train.documents:,} documents, {train.bytes:,} bytes, {train.tokens:,} tokens read this epoch) "
+            if cfg.streaming
+            else f"({train.tokens:,} tokens in the training split) "
+        )
         + f"in {results['train_runtime']:.0f} s "
         f"({results['train_tokens_per_second']:,.0f} tokens/s).",
         "",
@@ -76,8 +93,8 @@ def write_model_card(
         "print(tok.decode(model.generate(ids, max_new_tokens=100, do_sample=True, top_k=200)[0]))",
         "```",
         "",
-        "`python -m recipe.export --model PATH --to gpt2 --output DIR` turns it into a stock `GPT2LMHeadModel` "
-        "that needs no remote code.",
+        f"`python -m recipe.export --model PATH --output DIR` turns it into a stock `{stock_class(cfg)}` "
+        "that needs no remote code (vLLM, llama.cpp and other tools that know only stock architectures).",
         "",
         "## Training configuration",
         "",

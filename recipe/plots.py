@@ -6,13 +6,19 @@ import math
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 
-matplotlib.use("Agg")  # no display on training machines
-import matplotlib.pyplot as plt  # noqa: E402
+def _pyplot():
+    """matplotlib, imported when a picture is drawn (`make gpu-check` imports train.py where it is absent)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on training machines
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def plot_loss(rows: list[dict[str, Any]], path: str | Path, vocab_size: int | None = None) -> None:
+    plt = _pyplot()
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -31,6 +37,7 @@ def plot_loss(rows: list[dict[str, Any]], path: str | Path, vocab_size: int | No
 
 
 def plot_lr(steps: list[int], lrs: list[float], path: str | Path) -> None:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.plot(steps, lrs)
     ax.set(xlabel="optimizer step", ylabel="learning rate", title="Learning-rate schedule")

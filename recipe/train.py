@@ -1,58 +1,84 @@
 """Pretrain a GPT with a hand-written Accelerate loop.
 
-    accelerate launch recipe/train.py --config configs/tiny.yaml [--key value ...]
-    python recipe/train.py --config configs/tiny.yaml            # one process
+    python recipe/train.py --config configs/tiny.yaml [--key value ...]          # one process, all cores
+    accelerate launch --config_file configs/accelerate/multi_gpu.yaml recipe/train.py --config ...
 
-Reads top to bottom: configuration, accelerator, data, model, optimizer and schedule, resume, the loop
-(accumulate, clip, step, log, evaluate, save), export. Helpers sit above `main()`.
+`main()` is the table of contents: set-up, data, model and optimizer, resume, the loop (forward, backward,
+clip, step inline; log, evaluate, save and stop as helpers), finish. Checkpoints and the Hub live in
+`recipe/checkpoint.py` and `recipe/hub.py`, the optimizer and schedule in `recipe/optim.py`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import logging
 import math
 import os
-import re
 import shutil
 import signal
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, TorchDynamoPlugin, set_seed
+from accelerate.utils import (
+    DistributedType,
+    GradientAccumulationPlugin,
+    InitProcessGroupKwargs,
+    ProjectConfiguration,
+    TorchDynamoPlugin,
+    set_seed,
+)
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import (
-    AutoModelForCausalLM,
-    GenerationConfig,
-    get_cosine_schedule_with_warmup,
-    get_cosine_with_min_lr_schedule_with_warmup,
-)
+from transformers import AutoModelForCausalLM
+from transformers.utils import logging as hf_logging
 
-from recipe import GPTConfig, GPTForCausalLM
-from recipe.config import ConfigError, RunConfig, load_config
-from recipe.data import PreparedData, prepare_data
-from recipe.metrics import (
-    JsonlLog,
-    bits_per_byte,
-    flops_per_token,
-    gpu_peak_flops,
-    measure_matmul_peak,
-    perplexity,
-    results_table,
+from recipe import GPTForCausalLM
+from recipe.checkpoint import (
+    SAMPLING,
+    check_model_matches,
+    find_checkpoint,
+    list_checkpoints,
+    load_weights_from_model_folder,
+    plain_model,
+    read_rank_state,
+    read_state,
+    resume_accumulation,
+    save_checkpoint,
+    save_model_folder,
+    skip_weights_in_save_state,
 )
+from recipe.config import ConfigError, RunConfig, gpt_config, load_config
+from recipe.hub import HubPusher, download_last_checkpoint
+from recipe.metrics import JsonlLog, bits_per_byte, flops_per_token, perplexity, results_table, run_peak_flops
 from recipe.model_card import write_model_card
+from recipe.optim import build_optimizers, make_schedule, schedule_curve
 from recipe.plots import plot_loss, plot_lr
 
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-STATE_FILE = "trainer_state.json"
+if TYPE_CHECKING:  # recipe.data (and `datasets`) is imported in main(): `make gpu-check` runs without them
+    from recipe.data import PreparedData
+
+# How often (in steps) all processes agree on a stop signal or a NaN loss: one small gather, so a stop
+# lands within this many steps (or logging_steps, if fewer). A single process stops at the next step.
+AGREE_EVERY = 10
+EXPORT_TOLERANCE = 1e-5
+
+# ----------------------------------------------------------------------------- set-up
 
 
-# ----------------------------------------------------------------------------- helpers
+def check_trackers(cfg: RunConfig) -> None:
+    for tracker in {"wandb": ["wandb"], "trackio": ["trackio"], "all": []}.get(cfg.report_to, []):
+        if importlib.util.find_spec(tracker) is None:  # accelerate would silently log nowhere
+            raise ConfigError(
+                f"report_to is {cfg.report_to} but {tracker} is not installed: "
+                f"`pip install {tracker}`, or --report_to tensorboard / none"
+            )
 
 
 def has_accelerator() -> bool:
@@ -61,141 +87,203 @@ def has_accelerator() -> bool:
     return torch.cuda.is_available()
 
 
-def check_hub_access(cfg: RunConfig) -> None:
-    """Fail before training, not after hours of it, when the model could not be pushed."""
-    from huggingface_hub import HfApi
-
-    try:
-        user = HfApi().whoami()
-    except Exception as err:  # offline, no token or a bad token: all mean the same to the user
+def make_accelerator(cfg: RunConfig) -> Accelerator:
+    accelerator = Accelerator(
+        # Without cpu=True, `accelerate launch --multi_gpu` on a machine with no GPU starts N unrelated
+        # single processes: accelerate only picks MULTI_CPU (gloo) when told it is on the CPU.
+        cpu=not has_accelerator(),
+        mixed_precision=cfg.mixed_precision,
+        # Windows span epochs; the loop steps the optimizer once per window of micro-batches.
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=cfg.gradient_accumulation_steps, sync_with_dataloader=False
+        ),
+        # One scheduler step per optimizer step, whatever the number of processes: the horizon is max_steps.
+        step_scheduler_with_optimizer=False,
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "runs")
+        ),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        dynamo_plugin=TorchDynamoPlugin(backend="inductor") if cfg.torch_compile else None,
+        # Data preparation runs on one process per node while the others wait at a barrier.
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.ddp_timeout))],
+    )
+    if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
         raise ConfigError(
-            f"push_to_hub is true but the Hub is not usable ({type(err).__name__}: {err}). "
-            "Log in with `hf auth login` (or set HF_TOKEN) on a machine with network access, "
-            "or run with --push_to_hub false."
-        ) from None
-    print(f"push_to_hub: logged in as {user.get('name')}, will push to {cfg.hub_model_id}")
+            "FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config "
+            "(configs/accelerate/fsdp.yaml does)"
+        )
+    accelerator.register_save_state_pre_hook(skip_weights_in_save_state)
+    accelerator.register_load_state_pre_hook(load_weights_from_model_folder)
+    if accelerator.device.type == "cpu":
+        # `accelerate launch` pins each CPU process to one thread (OMP_NUM_THREADS=1): use the cores we have.
+        torch.set_num_threads(cfg.num_threads or default_threads())
+    if accelerator.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return accelerator
 
 
-def build_model(cfg: RunConfig, data: PreparedData) -> GPTForCausalLM:
-    tok = data.tokenizer
-    if cfg.model_name_or_path:
+def default_threads() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def show_progress_messages(is_main: bool) -> None:
+    """Our INFO lines (fetching the corpus once, training the tokenizer) explain the pauses before step 1;
+    transformers' own progress bars (writing and loading weights) would cut through ours at every save."""
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("recipe").setLevel(logging.INFO if is_main else logging.WARNING)
+    hf_logging.disable_progress_bar()
+
+
+def dataloaders(data: PreparedData, cfg: RunConfig, device: torch.device) -> tuple[DataLoader, DataLoader]:
+    """Training: full batches only (fixed shapes: no recompiles under torch.compile, equal work on every
+    process); a stream gets a stateful loader whose position is saved per process. Evaluation: every block."""
+    from recipe.data import train_dataloader
+
+    pin = device.type == "cuda"
+    eval_dl = DataLoader(data.validation, batch_size=cfg.per_device_eval_batch_size, pin_memory=pin)
+    return train_dataloader(data, cfg, pin_memory=pin), eval_dl
+
+
+def build_model(cfg: RunConfig, tokenizer) -> GPTForCausalLM:
+    if not cfg.model_name_or_path:
+        model = GPTForCausalLM(gpt_config(cfg, tokenizer))
+    else:
         model = AutoModelForCausalLM.from_pretrained(
             cfg.model_name_or_path, trust_remote_code=True, attn_implementation=cfg.attn_implementation
         )
-        if model.config.vocab_size < len(tok):
+        if model.config.vocab_size < len(tokenizer):
             raise ConfigError(
                 f"model_name_or_path: the model's vocabulary ({model.config.vocab_size}) is "
-                f"smaller than the tokenizer's ({len(tok)})"
+                f"smaller than the tokenizer's ({len(tokenizer)})"
             )
-        return model
-    config = GPTConfig(
-        vocab_size=len(tok),
-        max_position_embeddings=cfg.max_position_embeddings or cfg.block_size,
-        hidden_size=cfg.hidden_size,
-        num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        intermediate_size=cfg.intermediate_size,
-        embd_pdrop=cfg.dropout,
-        resid_pdrop=cfg.dropout,
-        attn_pdrop=cfg.dropout,
-        bias=cfg.bias,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    config._attn_implementation = cfg.attn_implementation
-    return GPTForCausalLM(config)
+    if cfg.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    return model
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay the matmul weights only: biases, LayerNorm gains and embeddings are left alone (GPT-2/3)."""
-    no_decay_types = (torch.nn.Embedding, torch.nn.LayerNorm)
-    decay, no_decay, seen = [], [], set()
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            if id(p) in seen or not p.requires_grad:
-                continue  # the tied LM head is the embedding: counted once, undecayed
-            seen.add(id(p))
-            (
-                no_decay if isinstance(module, no_decay_types) or name == "bias" or p.ndim < 2 else decay
-            ).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def make_schedule(optimizer, cfg: RunConfig, num_processes: int = 1):
-    # A prepared scheduler steps once per process per optimizer step, so its horizon is scaled to match.
-    warmup, total = cfg.warmup_steps * num_processes, cfg.max_steps * num_processes
-    if cfg.min_lr_ratio > 0:
-        return get_cosine_with_min_lr_schedule_with_warmup(
-            optimizer, warmup, total, min_lr_rate=cfg.min_lr_ratio
-        )
-    return get_cosine_schedule_with_warmup(optimizer, warmup, total)
-
-
-def schedule_curve(cfg: RunConfig) -> tuple[list[int], list[float]]:
-    """The whole learning-rate schedule, step by step, for lr.png (independent of what was logged)."""
-    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.learning_rate)
-    sched = make_schedule(opt, cfg)
-    steps, lrs = [], []
-    for step in range(cfg.max_steps):
-        steps.append(step + 1)
-        lrs.append(sched.get_last_lr()[0])
-        opt.step()
-        sched.step()
-    return steps, lrs
-
-
-def find_checkpoint(cfg: RunConfig) -> Path | None:
-    if not cfg.resume_from_checkpoint:
-        return None
-    if cfg.resume_from_checkpoint != "latest":
-        path = Path(cfg.resume_from_checkpoint)
-        if not (path / STATE_FILE).is_file():
-            raise ConfigError(
-                f"resume_from_checkpoint: {path} is not a complete checkpoint (no {STATE_FILE})"
-            )
-        return path
-    found = list_checkpoints(Path(cfg.output_dir))
-    if not found:
+def check_output_dir(cfg: RunConfig) -> None:
+    if (
+        list_checkpoints(Path(cfg.output_dir))
+        and not cfg.resume_from_checkpoint
+        and not cfg.overwrite_output_dir
+    ):
         raise ConfigError(
-            f"resume_from_checkpoint is 'latest' but {cfg.output_dir} holds no checkpoint-<step> folder"
+            f"output_dir {cfg.output_dir} already holds checkpoints: continue with "
+            "--resume_from_checkpoint latest, or start over with --overwrite_output_dir true"
         )
-    return found[-1]
 
 
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first. A folder is complete once renamed from its temporary name."""
-    if not output_dir.is_dir():
-        return []
-    found = [p for p in output_dir.iterdir() if CHECKPOINT_RE.match(p.name) and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
-
-
-def save_checkpoint(accelerator: Accelerator, cfg: RunConfig, state: dict[str, Any]) -> Path:
-    """`save_state` into a temporary folder, then rename: a crash mid-write never costs the last good one."""
+def start_output_dir(cfg: RunConfig, accelerator: Accelerator) -> None:
+    """Called once every check has passed: a refused run leaves output_dir as it was. Checkpoints are
+    renamed and rotated by the main process, so every process must see the same output_dir."""
     output_dir = Path(cfg.output_dir)
-    final = output_dir / f"checkpoint-{state['global_step']}"
-    tmp = output_dir / f"tmp-checkpoint-{state['global_step']}"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        if cfg.save_total_limit:
-            for old in list_checkpoints(output_dir)[: -cfg.save_total_limit]:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.overwrite_output_dir and not cfg.resume_from_checkpoint:
+            for old in list_checkpoints(output_dir):
                 shutil.rmtree(old)
+        cfg.save(output_dir / "run_config.yaml")
     accelerator.wait_for_everyone()
-    return final
+    if not (output_dir / "run_config.yaml").is_file():
+        raise ConfigError(
+            f"output_dir: {output_dir} is not shared with the main process (process {accelerator.process_index} "
+            "cannot see its files); with several nodes, put output_dir on a filesystem every node mounts"
+        )
 
 
-def micro_batches(dataloader, start_epoch: int, skip: int, accelerator: Accelerator):
-    """An endless stream of (epoch, batch) across epochs, resuming `skip` batches into `start_epoch`."""
-    epoch = start_epoch
+def init_trackers(accelerator: Accelerator, cfg: RunConfig) -> None:
+    if cfg.report_to != "none":
+        hparams = {
+            k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in cfg.to_dict().items()
+        }
+        accelerator.init_trackers(cfg.run_name or Path(cfg.output_dir).name, config=hparams)
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def check_resume(accelerator: Accelerator, cfg: RunConfig, model, streaming: bool) -> Path | None:
+    """Find the checkpoint to resume and check it fits this run, before anything is written."""
+    with accelerator.local_main_process_first():  # a Hub checkpoint is downloaded once per node
+        checkpoint = find_checkpoint(
+            cfg.resume_from_checkpoint,
+            Path(cfg.output_dir),
+            lambda repo: download_last_checkpoint(repo, cfg.hub_token),
+        )
+    if checkpoint is None:
+        return None
+    check_model_matches(checkpoint, model.config)
+    saved = read_state(checkpoint)
+    sharded = accelerator.distributed_type == DistributedType.FSDP  # its optimizer state is saved sharded
+    if ("FSDP" in saved.get("distributed_type", str(accelerator.distributed_type))) != sharded:
+        raise ConfigError(
+            f"resume_from_checkpoint: the checkpoint was written by a {saved['distributed_type']} run, this "
+            f"run is {accelerator.distributed_type}; resume with the checkpoint's launch configuration"
+        )
+    accum = resume_accumulation(saved, cfg, accelerator.num_processes, streaming)
+    if accum != cfg.gradient_accumulation_steps:
+        accelerator.print(
+            f"Resuming with {accelerator.num_processes} processes: gradient_accumulation_steps "
+            f"{cfg.gradient_accumulation_steps} -> {accum} keeps the checkpoint's tokens per step"
+        )
+        cfg.gradient_accumulation_steps = accelerator.gradient_accumulation_steps = accum
+    return checkpoint
+
+
+def resume(accelerator: Accelerator, checkpoint: Path | None, train_dl) -> dict[str, Any]:
+    """Weights, optimizer, scheduler and RNG states; the data position from our own state."""
+    state = {"global_step": 0, "tokens_seen": 0, "train_runtime": 0.0, "epoch": 0}
+    if checkpoint is None:
+        return state
+    saved = read_state(checkpoint)
+    here = epoch_length(train_dl, accelerator.num_processes)
+    if saved.get("batches_per_epoch", here) != here:  # another process count drops another epoch tail
+        raise ConfigError(
+            f"resume_from_checkpoint: with {accelerator.num_processes} processes an epoch has {here} batches, "
+            f"with the checkpoint's {saved['num_processes']} it had {saved['batches_per_epoch']}: the data "
+            f"position would not continue exactly; resume with {saved['num_processes']} process(es)"
+        )
+    accelerator.load_state(str(checkpoint / "training_state"))
+    accelerator.step = 0  # every window starts at a step boundary, whatever the old accumulation was
+    state.update(saved)
+    rank_state = read_rank_state(checkpoint, accelerator.process_index)
+    if rank_state is not None and is_stream(train_dl):  # a stream resumes where it was, without replay
+        train_dl.load_state_dict(rank_state["dataloader"])
+    state["stream_resumed"] = rank_state is not None and is_stream(train_dl)
+    accelerator.print(f"Resumed from {checkpoint} at step {state['global_step']}")
+    return state
+
+
+def is_stream(dataloader) -> bool:
+    return isinstance(dataloader.dataset, torch.utils.data.IterableDataset)
+
+
+def epoch_length(train_dl, world: int) -> int | None:
+    """Micro-batches per epoch, all processes together (each process drops the tail it cannot share)."""
+    return None if is_stream(train_dl) else len(train_dl) * world
+
+
+def layout(cfg: RunConfig, accelerator: Accelerator, train_dl) -> dict[str, Any]:
+    """What decides the data position and the tokens per step: saved with every checkpoint."""
+    return {"num_processes": accelerator.num_processes, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+            "per_device_train_batch_size": cfg.per_device_train_batch_size, "block_size": cfg.block_size,
+            "batches_per_epoch": epoch_length(train_dl, accelerator.num_processes),
+            "distributed_type": str(accelerator.distributed_type)}  # fmt: skip
+
+
+def micro_batches(dataloader, state: dict[str, Any], accum: int, accelerator: Accelerator):
+    """An endless stream of (epoch, batch) across epochs, starting where `state` left off."""
+    if is_stream(dataloader):
+        # The loader's own state holds the position and the epoch; without one (a checkpoint of another
+        # layout) the stream is read again from the start of the run, to the step.
+        epoch, skip = (
+            (dataloader.epoch, 0) if state.get("stream_resumed") else (0, state["global_step"] * accum)
+        )
+    else:
+        epoch, skip = divmod(state["global_step"] * accum, len(dataloader))
     while True:
         if hasattr(dataloader, "set_epoch"):
             dataloader.set_epoch(epoch)
@@ -203,6 +291,9 @@ def micro_batches(dataloader, start_epoch: int, skip: int, accelerator: Accelera
         for batch in loader:
             yield epoch, {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
         epoch, skip = epoch + 1, 0
+
+
+# ----------------------------------------------------------------------------- the loop's helpers
 
 
 class StopSignal:
@@ -218,49 +309,53 @@ class StopSignal:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def agree(stop: StopSignal, first_bad_step: torch.Tensor, accelerator: Accelerator) -> tuple[bool, int]:
+    """(stop, first NaN step or 0), the same on every process: one gather that every process enters at
+    the same steps, whether or not a signal reached it (ranks that disagree hang in the next collective)."""
+    flags = torch.stack([first_bad_step.double(), torch.tensor(float(stop.received is not None), dtype=torch.float64,
+                                                                device=first_bad_step.device)])  # fmt: skip
+    if accelerator.num_processes > 1:
+        flags = accelerator.gather(flags.view(1, 2))  # (processes, 2)
+    flags = flags.view(-1, 2).cpu()
+    bad = [int(b) for b in flags[:, 0].tolist() if b > 0]
+    return bool(flags[:, 1].max() > 0), min(bad, default=0)
+
+
 @torch.no_grad()
-def evaluate(
-    model, dataloader, accelerator: Accelerator, max_batches: int | None, bytes_per_token: float
-) -> dict[str, float]:
-    """Token-weighted validation loss over all processes (gather_for_metrics drops the padding duplicates)."""
+def evaluate(model, dataloader, accelerator: Accelerator, max_batches: int | None, bytes_per_token: float) -> dict[str, float]:  # fmt: skip
+    """Token-weighted loss and next-token accuracy over all processes (gather_for_metrics drops the padding
+    duplicates). No KV cache: nothing is generated."""
     model.eval()
-    nll_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    count = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # nll, correct, count
     # max_batches counts batches of all processes together, so the same blocks are scored at any scale.
     limit = None if max_batches is None else math.ceil(max_batches / accelerator.num_processes)
     for i, batch in enumerate(dataloader):
         if limit is not None and i >= limit:
             break
-        logits = model(input_ids=batch["input_ids"]).logits  # (B, T, V)
+        logits = model(input_ids=batch["input_ids"], use_cache=False).logits  # (B, T, V)
         labels = batch["shift_labels"]  # (B, T)
         nll = torch.nn.functional.cross_entropy(
             logits.flatten(0, 1).float(), labels.flatten(), reduction="none"
-        ).view_as(labels)
+        )
         mask = labels.ne(-100)
-        per_row = torch.stack([(nll * mask).sum(1), mask.sum(1)], dim=1).double()  # (B, 2)
-        per_row = accelerator.gather_for_metrics(per_row)
-        nll_sum += per_row[:, 0].sum()
-        count += per_row[:, 1].sum()
+        correct = logits.argmax(-1).eq(labels) & mask
+        per_row = torch.stack([(nll.view_as(labels) * mask).sum(1), correct.sum(1), mask.sum(1)], 1).double()
+        totals += accelerator.gather_for_metrics(per_row).sum(0)  # (B * processes, 3) -> (3,)
     model.train()
-    loss = (nll_sum / count.clamp(min=1)).item()
+    nll, correct, count = totals.tolist()
+    loss = nll / max(count, 1)
     return {
         "eval_loss": loss,
         "perplexity": perplexity(loss),
         "eval_bits_per_byte": bits_per_byte(loss, bytes_per_token),
+        "eval_accuracy": correct / max(count, 1),
     }
-
-
-def stop_requested(stop: StopSignal, accelerator: Accelerator) -> bool:
-    """Whether any process got a stop signal; all processes must agree, or the next collective hangs."""
-    if accelerator.num_processes == 1:
-        return stop.received is not None
-    flag = torch.tensor(float(stop.received is not None), device=accelerator.device)
-    return bool(accelerator.reduce(flag, "sum").item())
 
 
 @torch.no_grad()
 def write_sample(model, tokenizer, cfg: RunConfig) -> str | None:
-    if cfg.sample_max_new_tokens <= 0:
+    """A sample with the sampling settings saved in the model's generation_config."""
+    if cfg.sample_max_new_tokens <= 0 or model is None:
         return None
     model.eval()
     ids = tokenizer(cfg.sample_prompt, return_tensors="pt").input_ids.to(model.device)
@@ -268,266 +363,16 @@ def write_sample(model, tokenizer, cfg: RunConfig) -> str | None:
         ids = torch.tensor([[tokenizer.eos_token_id]], device=model.device)
     torch.manual_seed(cfg.seed)
     room = model.config.max_position_embeddings - ids.shape[1]  # learned positions end at the context length
-    out = model.generate(
-        ids, max_new_tokens=min(cfg.sample_max_new_tokens, room), do_sample=True, temperature=0.8, top_k=200
-    )
+    out = model.generate(ids, max_new_tokens=min(cfg.sample_max_new_tokens, room))
+    model.train()
     return tokenizer.decode(out[0], skip_special_tokens=True)
 
 
-# ----------------------------------------------------------------------------- main
-
-
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    cfg = load_config(sys.argv[1:] if argv is None else argv)
-    output_dir = Path(cfg.output_dir)
-    if list_checkpoints(output_dir) and not cfg.resume_from_checkpoint and not cfg.overwrite_output_dir:
-        raise ConfigError(
-            f"output_dir {output_dir} already holds checkpoints: continue with "
-            "--resume_from_checkpoint latest, or start over with --overwrite_output_dir true"
-        )
-    if cfg.push_to_hub:
-        check_hub_access(cfg)
-    for tracker in {"wandb": ["wandb"], "trackio": ["trackio"], "all": []}.get(cfg.report_to, []):
-        if importlib.util.find_spec(tracker) is None:  # accelerate would silently log nowhere
-            raise ConfigError(
-                f"report_to is {cfg.report_to} but {tracker} is not installed: "
-                f"`pip install {tracker}`, or --report_to tensorboard / none"
-            )
-
-    # --- accelerator
-    accelerator = Accelerator(
-        # Without cpu=True, `accelerate launch --multi_gpu` on a machine with no GPU starts N unrelated
-        # single processes: accelerate only picks MULTI_CPU (gloo) when told it is on the CPU.
-        cpu=not has_accelerator(),
-        mixed_precision=cfg.mixed_precision,
-        gradient_accumulation_plugin=GradientAccumulationPlugin(
-            num_steps=cfg.gradient_accumulation_steps, sync_with_dataloader=False
-        ),  # windows span epochs
-        log_with=None if cfg.report_to == "none" else cfg.report_to,
-        project_config=ProjectConfiguration(
-            project_dir=str(output_dir), logging_dir=str(output_dir / "runs")
-        ),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        dynamo_plugin=TorchDynamoPlugin(backend="inductor") if cfg.torch_compile else None,
-    )
-    main_proc = accelerator.is_main_process
-    set_seed(cfg.seed)
-    if accelerator.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if main_proc:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.overwrite_output_dir and not cfg.resume_from_checkpoint:
-            for old in list_checkpoints(output_dir):
-                shutil.rmtree(old)
-        cfg.save(output_dir / "run_config.yaml")
-
-    # --- data: tokenised once (main process first), the others read the datasets cache
-    data = prepare_data(
-        cfg, accelerator.main_process_first, accelerator.process_index, accelerator.num_processes
-    )
-    streaming = not hasattr(data.train, "__len__")
-    pin = accelerator.device.type == "cuda"
-    # Full batches only: fixed shapes (no recompiles under torch.compile) and equal work on every process.
-    train_dl = DataLoader(
-        data.train,
-        batch_size=cfg.per_device_train_batch_size,
-        shuffle=not streaming,
-        drop_last=True,
-        num_workers=cfg.dataloader_num_workers,
-        pin_memory=pin,
-    )
-    eval_dl = DataLoader(data.validation, batch_size=cfg.per_device_eval_batch_size, pin_memory=pin)
-
-    # --- model, optimizer, schedule
-    model = build_model(cfg, data)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    n_params = sum(p.numel() for p in model.parameters())
-    fused = accelerator.device.type == "cuda"
-    optimizer = torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay),
-        lr=cfg.learning_rate,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        eps=cfg.adam_epsilon,
-        fused=fused or None,
-        foreach=None if fused else True,
-    )
-    scheduler = make_schedule(optimizer, cfg, accelerator.num_processes)
-    if streaming:  # already split across ranks by prepare_data; accelerate must not shard it again
-        model, optimizer, eval_dl, scheduler = accelerator.prepare(model, optimizer, eval_dl, scheduler)
-    else:
-        model, optimizer, train_dl, eval_dl, scheduler = accelerator.prepare(
-            model, optimizer, train_dl, eval_dl, scheduler
-        )
-    if not streaming and len(train_dl) == 0:
-        raise ConfigError(
-            f"per_device_train_batch_size ({cfg.per_device_train_batch_size}) x processes "
-            f"({accelerator.num_processes}) is more than the {len(data.train)} training blocks"
-        )
-
-    if cfg.report_to != "none":
-        hparams = {
-            k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in cfg.to_dict().items()
-        }
-        accelerator.init_trackers(cfg.run_name or output_dir.name, config=hparams)
-
-    # --- resume: weights, optimizer, scheduler and RNG states from save_state; the data position from our state
-    state = {"global_step": 0, "tokens_seen": 0, "train_runtime": 0.0}
-    checkpoint = find_checkpoint(cfg)
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        state.update(json.loads((checkpoint / STATE_FILE).read_text()))
-        accelerator.print(f"Resumed from {checkpoint} at step {state['global_step']}")
-    accum = cfg.gradient_accumulation_steps
-    consumed = state["global_step"] * accum  # micro-batches per process
-    start_epoch, skip = (0, consumed) if streaming else divmod(consumed, len(train_dl))
-    batches = micro_batches(train_dl, start_epoch, skip, accelerator)
-
-    log = JsonlLog(output_dir / "metrics.jsonl", enabled=main_proc, keep_until_step=state["global_step"])
-    model_config = accelerator.unwrap_model(model).config
-    flops_token = flops_per_token(model_config, cfg.block_size)
-    peak = gpu_peak_flops(accelerator.device, cfg.mixed_precision)
-    if peak is None and accelerator.device.type == "cpu":
-        peak = measure_matmul_peak("cpu") * accelerator.num_processes  # 2 processes on one CPU share it
-    stop = StopSignal()
-
-    if main_proc:
-        print(
-            f"Model: {n_params / 1e6:.2f}M parameters, vocab {model_config.vocab_size}, context {cfg.block_size}"
-        )
-        print(
-            f"Training {cfg.max_steps} steps x {cfg.per_device_train_batch_size} blocks x {accum} accumulation "
-            f"x {accelerator.num_processes} processes = "
-            f"{cfg.per_device_train_batch_size * accum * accelerator.num_processes * cfg.block_size} tokens per step"
-        )
-
-    # --- the loop
-    model.train()
-    progress = tqdm(
-        total=cfg.max_steps,
-        initial=state["global_step"],
-        disable=not main_proc,
-        desc="train",
-        dynamic_ncols=True,
-    )
-    loss_sum = torch.zeros((), device=accelerator.device)  # summed on device; read only every logging_steps
-    first_bad_step = torch.full((), -1, device=accelerator.device)
-    steps_since_log, tokens_since_log, t_log = 0, 0, time.perf_counter()
-    t_start, runtime_before = time.perf_counter(), state["train_runtime"]
-    last_eval: dict[str, float] = {}
-    last_train_loss = float("nan")
-    epoch = start_epoch
-    while state["global_step"] < cfg.max_steps:
-        window = [next(batches) for _ in range(accum)]
-        epoch = window[-1][0]
-        # Normalise by the target tokens of the whole window on every process, so that 2 processes x 1
-        # micro-batch and 1 process x 2 micro-batches take the same step (HF_NOTES section 4).
-        n_items = sum(b["shift_labels"].ne(-100).sum() for _, b in window)
-        n_items = accelerator.reduce(n_items, "sum") if accelerator.num_processes > 1 else n_items
-        for _, batch in window:
-            with accelerator.accumulate(model):
-                out = model(
-                    input_ids=batch["input_ids"],
-                    shift_labels=batch["shift_labels"],
-                    num_items_in_batch=n_items,
-                )
-                # backward divides by accum and DDP averages over processes; undo both: the sum is exact.
-                accelerator.backward(out.loss * accum * accelerator.num_processes)
-                loss_sum += out.loss.detach()
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-        window_tokens = (
-            sum(b["input_ids"].numel() for _, b in window) * accelerator.num_processes
-        )  # shapes: no sync
-        tokens_since_log += window_tokens
-        state["tokens_seen"] += window_tokens
-
-        state["global_step"] += 1
-        steps_since_log += 1
-        step = state["global_step"]
-        first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss_sum), step, first_bad_step)
-        progress.update(1)
-
-        is_log = step % cfg.logging_steps == 0 or step == cfg.max_steps
-        is_eval = step % cfg.eval_steps == 0 or step == cfg.max_steps
-        is_save = step % cfg.save_steps == 0
-        if is_log or is_eval or is_save or stop.received:
-            # Every process must agree to stop, or the ones that go on hang in the next collective.
-            bad = int(accelerator.gather(first_bad_step.view(1)).max().item())
-            if bad > 0:
-                accelerator.print(
-                    f"\nLoss became NaN or infinite at step {bad}; stopping. The last good "
-                    f"checkpoint stays in {output_dir}. Try a lower learning_rate or max_grad_norm."
-                )
-                accelerator.end_training()
-                sys.exit(1)
-        if is_log:
-            elapsed = time.perf_counter() - t_log
-            last_train_loss = (
-                accelerator.reduce(loss_sum, "sum") if accelerator.num_processes > 1 else loss_sum
-            ).item() / steps_since_log
-            tok_s = tokens_since_log / elapsed
-            row = {
-                "step": step,
-                "epoch": epoch,
-                "loss": last_train_loss,
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm),
-                "tokens_per_second": tok_s,
-                "tokens_seen": state["tokens_seen"],
-            }
-            if peak:
-                row["mfu"] = tok_s * flops_token / peak
-            log.write(row)
-            accelerator.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=step)
-            progress.set_postfix(loss=f"{last_train_loss:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{tok_s:,.0f}")
-            loss_sum.zero_()
-            steps_since_log, tokens_since_log, t_log = 0, 0, time.perf_counter()
-        if is_eval:
-            t_eval = time.perf_counter()
-            # The final evaluation scores the whole validation split; the ones along the way may sample it.
-            max_batches = None if step == cfg.max_steps else cfg.max_eval_batches
-            last_eval = evaluate(
-                model, eval_dl, accelerator, max_batches, data.summary["validation"].bytes_per_token
-            )
-            log.write({"step": step, **last_eval})
-            accelerator.log({f"eval/{k}": v for k, v in last_eval.items()}, step=step)
-            progress.write(
-                f"step {step}: eval loss {last_eval['eval_loss']:.4f}, "
-                f"ppl {last_eval['perplexity']:.2f}, bpb {last_eval['eval_bits_per_byte']:.4f}"
-            )
-            t_log += time.perf_counter() - t_eval  # evaluation time is not training throughput
-        state["train_runtime"] = runtime_before + time.perf_counter() - t_start
-        stopping = stop_requested(stop, accelerator) and step < cfg.max_steps  # at the end: just finish
-        if is_save or stopping:
-            path = save_checkpoint(accelerator, cfg, state)
-            if stopping:
-                progress.close()
-                resume = (
-                    " ".join(a for a in sys.argv if a)
-                    if argv is None
-                    else f"recipe/train.py {' '.join(argv)}"
-                )
-                launcher = (
-                    "accelerate launch <the same launch options> "
-                    if accelerator.num_processes > 1
-                    else "python "
-                )
-                accelerator.print(
-                    f"\nStopped by signal at step {step}; saved {path}.\n"
-                    f"Resume with: {launcher}{resume} --resume_from_checkpoint latest"
-                )
-                accelerator.end_training()
-                sys.exit(128 + (stop.received or signal.SIGTERM))
-    progress.close()
-
-    # --- export: output_dir becomes an HF model folder
-    results = {
-        "train_loss": last_train_loss,
+def run_results(
+    state, train_loss: float, last_eval: dict, data: PreparedData, n_params: int
+) -> dict[str, Any]:
+    return {
+        "train_loss": train_loss,
         **last_eval,
         "eval_bytes_per_token": data.summary["validation"].bytes_per_token,
         "train_tokens": state["tokens_seen"],
@@ -536,54 +381,335 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "global_step": state["global_step"],
         "num_parameters": n_params,
     }
+
+
+def card_writer(cfg: RunConfig, data: PreparedData, log: JsonlLog, results: dict, sample: str | None = None):
+    """write_card(folder, model_config) for save_checkpoint and the end: model card, loss plot and results."""
+
+    def write_card(folder: Path, config) -> None:
+        vocab = config.vocab_size
+        plot_loss(log.rows, folder / "loss.png", vocab)
+        write_model_card(folder, cfg, data, results, results_table(results, vocab), sample)
+
+    return write_card
+
+
+def verify_export(folder: Path, model) -> float:
+    """The saved folder reloads with plain transformers, every key in place, every tensor equal to the trained
+    model's and the same logits: a wrapper prefix or a lost tie would otherwise pass silently (random
+    weights). Returns the largest logit difference."""
+    reloaded, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+    bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if bad:
+        raise RuntimeError(f"the saved model in {folder} does not reload cleanly: {bad}")
+    reloaded.to(device=model.device, dtype=model.dtype).eval()
+    live = model.state_dict()
+    differ = [k for k, v in reloaded.state_dict().items() if not torch.equal(v, live[k])]
+    if differ:
+        raise RuntimeError(f"the saved model in {folder} differs from the trained one in {differ[:5]}")
+    # Under mixed precision accelerate wraps the live forward in autocast; compare the plain forwards.
+    forward = model.__dict__.get("_original_forward", model.forward)
+    was_training = model.training
+    model.eval()
+    shape = (2, min(32, model.config.max_position_embeddings))
+    ids = torch.randint(0, model.config.vocab_size, shape, generator=torch.Generator().manual_seed(0))
+    ids = ids.to(model.device)
+    with torch.no_grad():
+        diff = (forward(input_ids=ids).logits.float() - reloaded(input_ids=ids).logits.float()).abs().max()
+    model.train(was_training)
+    if not diff <= EXPORT_TOLERANCE:
+        raise RuntimeError(
+            f"the saved model in {folder} differs from the trained one: logits {diff:.3g} apart"
+        )
+    return float(diff)
+
+
+def stop_run(accelerator: Accelerator, hub: HubPusher | None, code: int, message: str) -> None:
+    """Say why, wait for the pending upload (if pushing), exit. The main process carries the exit code; the
+    others leave with 0 first, since a launcher kills every process once one fails, the upload with it."""
+    accelerator.print(message)
     accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
-    unwrapped.save_pretrained(
-        output_dir,
-        is_main_process=main_proc,
-        save_function=accelerator.save,
-        state_dict=accelerator.get_state_dict(model),
+    if not accelerator.is_main_process:
+        accelerator.end_training()
+        sys.exit(0)
+    if hub is not None:
+        hub.wait("the last checkpoint")
+    accelerator.end_training()
+    sys.exit(code)
+
+
+def resume_hint(argv: list[str] | None, num_processes: int) -> str:
+    args = list(sys.argv if argv is None else ["recipe/train.py", *argv])
+    for i, arg in enumerate(args[:-1]):
+        if arg in ("--hub_token", "--hub-token"):
+            args[i + 1] = "<your token>"  # never printed
+    command = " ".join(a for a in args if a)
+    launcher = "accelerate launch <the same launch options> " if num_processes > 1 else "python "
+    return f"{launcher}{command} --resume_from_checkpoint latest"
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def prepare(
+    accelerator: Accelerator, cfg: RunConfig, model, optimizers, schedulers, train_dl, eval_dl, streaming
+):
+    """accelerate.prepare everything at once (FSDP needs model and optimizers together); each optimizer and
+    scheduler on its own (a wrapper around several stops stepping once prepared)."""
+    n = len(optimizers)
+    prepared = accelerator.prepare(
+        model, eval_dl, *optimizers, *schedulers, *([] if streaming else [train_dl])
     )
-    sample = None
-    if main_proc:
-        data.tokenizer.save_pretrained(output_dir)
-        sample = write_sample(unwrapped, data.tokenizer, cfg)
-        unwrapped.generation_config = GenerationConfig(
-            bos_token_id=model_config.bos_token_id,
-            eos_token_id=model_config.eos_token_id,
-            pad_token_id=model_config.pad_token_id,
-            do_sample=True,
-            temperature=0.8,
-            top_k=200,
-            max_length=model_config.max_position_embeddings,
-        )  # learned positions end there
-        unwrapped.generation_config.save_pretrained(output_dir)
+    model, eval_dl, optimizers, schedulers = (
+        prepared[0],
+        prepared[1],
+        prepared[2 : 2 + n],
+        prepared[2 + n : 2 + 2 * n],
+    )
+    if not streaming:  # a stream is already split across processes by prepare_data; not sharded again
+        train_dl = prepared[-1]
+        if len(train_dl) == 0:
+            raise ConfigError(
+                f"per_device_train_batch_size ({cfg.per_device_train_batch_size}) x processes "
+                f"({accelerator.num_processes}) is more than the {len(train_dl.dataset)} training blocks"
+            )
+    return model, optimizers, schedulers, train_dl, eval_dl
+
+
+class Meter:
+    """Loss, tokens and time between log steps. The loss and the NaN flag stay on the device until read, so
+    a step never waits for the host."""
+
+    def __init__(self, accelerator: Accelerator, flops_per_token: float, peak_flops: float | None):
+        self.accelerator, self.flops_per_token, self.peak = accelerator, flops_per_token, peak_flops
+        self.loss_sum = torch.zeros((), device=accelerator.device)
+        self.first_bad_step = torch.full((), -1, device=accelerator.device)
+        self.steps, self.tokens, self.start = 0, 0, time.perf_counter()
+        self.train_loss = float("nan")
+
+    def step_done(self, step: int, tokens: int) -> None:
+        self.steps, self.tokens = self.steps + 1, self.tokens + tokens
+        self.first_bad_step = torch.where(
+            (self.first_bad_step < 0) & ~torch.isfinite(self.loss_sum), step, self.first_bad_step
+        )
+
+    def row(self, step: int, state: dict, lr: float, grad_norm) -> dict[str, float]:
+        """The log row since the last one (a collective: every process calls it); then start afresh."""
+        world = self.accelerator.num_processes
+        # Each micro-batch loss is its share of the window's mean: their sum over processes is the step's loss.
+        self.train_loss = (
+            self.accelerator.reduce(self.loss_sum, "sum") if world > 1 else self.loss_sum
+        ).item() / self.steps
+        tok_s = self.tokens / (time.perf_counter() - self.start)
+        row = {"step": step, "epoch": state["epoch"], "loss": self.train_loss, "lr": lr, "grad_norm": float(grad_norm),
+               "tokens_per_second": tok_s, "tokens_seen": state["tokens_seen"]}  # fmt: skip
+        if self.peak:
+            row["mfu"] = tok_s * self.flops_per_token / self.peak
+        self.loss_sum.zero_()
+        self.steps, self.tokens, self.start = 0, 0, time.perf_counter()
+        return row
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside (evaluating, saving) does not count as training throughput."""
+        start = time.perf_counter()
+        yield
+        self.start += time.perf_counter() - start
+
+
+def log_row(accelerator: Accelerator, log: JsonlLog, row: dict, progress: tqdm, prefix: str) -> None:
+    log.write(row)
+    accelerator.log({f"{prefix}/{k}": v for k, v in row.items() if k != "step"}, step=row["step"])
+    if prefix == "train":
+        progress.set_postfix(
+            loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_second']:,.0f}"
+        )
+    else:
+        progress.write(
+            f"step {row['step']}: eval loss {row['eval_loss']:.4f}, ppl {row['perplexity']:.2f}, "
+            f"bpb {row['eval_bits_per_byte']:.4f}, accuracy {row['eval_accuracy']:.3f}"
+        )
+
+
+def stream_summary(stream_loader, accelerator: Accelerator):
+    """What all processes have read of a stream so far this epoch (a collective), for the model card."""
+    from recipe.data import SplitSummary
+
+    mine = stream_loader.consumed()
+    counts = torch.tensor([mine.documents, mine.bytes, mine.tokens, mine.blocks], device=accelerator.device)
+    total = accelerator.reduce(counts, "sum") if accelerator.num_processes > 1 else counts
+    return SplitSummary(*[int(x) for x in total.tolist()], 0)
+
+
+def describe_run(cfg: RunConfig, n_params: int, vocab: int, world: int) -> str:
+    accum, batch = cfg.gradient_accumulation_steps, cfg.per_device_train_batch_size
+    return (
+        f"Model: {n_params / 1e6:.2f}M parameters, vocab {vocab}, context {cfg.block_size}\n"
+        f"Training {cfg.max_steps} steps x {batch} blocks x {accum} accumulation x {world} processes = "
+        f"{batch * accum * world * cfg.block_size:,} tokens per step"
+    )
+
+
+def save(
+    accelerator, model, cfg: RunConfig, state, data: PreparedData, log, results, hub, stream_loader
+) -> Path:
+    """A checkpoint (every process), then its push to the Hub in the background (main process)."""
+    # A stream's position is its loader's own state, one per process (map-style data: the step count says it).
+    rank_state = None
+    if stream_loader is not None:
+        rank_state = {"dataloader": stream_loader.state_dict()}
+        data.summary["train"] = stream_summary(stream_loader, accelerator)
+    path = save_checkpoint(
+        accelerator, model, Path(cfg.output_dir), state, data.tokenizer, cfg.save_total_limit, rank_state,
+        card_writer(cfg, data, log, results), uploading=hub.uploading() if hub else None,
+    )  # fmt: skip
+    if hub is not None:
+        hub.push_checkpoint(path)
+    return path
+
+
+def finish(accelerator, model, cfg: RunConfig, data: PreparedData, log: JsonlLog, results: dict, hub) -> None:
+    """output_dir becomes an HF model folder. Every process takes part (FSDP gathers the weights); the main
+    process checks the saved folder, samples from it, writes the card and plots, and pushes."""
+    output_dir = Path(cfg.output_dir)
+    saved = save_model_folder(model, output_dir, data.tokenizer, accelerator.is_main_process)
+    if accelerator.is_main_process:
+        verify_export(output_dir, saved)
+        sample = write_sample(saved, data.tokenizer, cfg)
+        card_writer(cfg, data, log, results, sample)(output_dir, saved.config)
         (output_dir / "all_results.json").write_text(json.dumps(results, indent=2))
-        plot_loss(log.rows, output_dir / "loss.png", model_config.vocab_size)
         plot_lr(*schedule_curve(cfg), output_dir / "lr.png")
-        table = results_table(results, model_config.vocab_size)
-        write_model_card(output_dir, cfg, data, results, table, sample)
-        print(f"\n{table}\n")
+        print(f"\n{results_table(results, saved.config.vocab_size)}\n")
         print(
-            f"Model saved to {output_dir}/ (tokens seen {state['tokens_seen']:,}, "
+            f"Model saved to {output_dir}/ (tokens seen {results['train_tokens']:,}, "
             f"{results['train_tokens_per_second']:,.0f} tokens/s)\n"
             f'Sample it:   python -m recipe.generate --model {output_dir} --prompt "Romeo."\n'
             f'Load it:     AutoModelForCausalLM.from_pretrained("{output_dir}", trust_remote_code=True)'
         )
         if sample:
-            print(f"\nA sample at temperature 0.8:\n{sample}")
+            print(
+                f"\nA sample at temperature {SAMPLING['temperature']}, top-k {SAMPLING['top_k']}:\n{sample}"
+            )
+    accelerator.wait_for_everyone()  # the others may now exit, while the main process pushes
+    if hub is not None:
+        hub.push_final(output_dir)
     accelerator.end_training()
-    if cfg.push_to_hub and main_proc:
-        from huggingface_hub import HfApi
 
-        api = HfApi()
-        api.create_repo(cfg.hub_model_id, private=cfg.hub_private_repo, exist_ok=True)
-        api.upload_folder(
-            repo_id=cfg.hub_model_id,
-            folder_path=str(output_dir),
-            ignore_patterns=["checkpoint-*", "tmp-checkpoint-*", "runs/*", "*/events.out.*"],
-        )
-        print(f"Pushed to https://huggingface.co/{cfg.hub_model_id}")
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    # --- set-up: every check comes before anything is written
+    cfg = load_config(sys.argv[1:] if argv is None else argv)
+    output_dir = Path(cfg.output_dir)
+    check_output_dir(cfg)
+    check_trackers(cfg)
+    accelerator = make_accelerator(cfg)
+    main_proc, world = accelerator.is_main_process, accelerator.num_processes
+    stop = StopSignal()  # from here on a signal is a clean stop at the next agreed step
+    show_progress_messages(main_proc)
+    hub = HubPusher.from_config(cfg, log=accelerator.print) if cfg.push_to_hub and main_proc else None
+    set_seed(cfg.seed)
+
+    # --- data: prepared once per node (local main process first), the others read its caches
+    from recipe.data import prepare_data
+
+    data = prepare_data(cfg, accelerator.local_main_process_first, accelerator.process_index, world)
+    train_dl, eval_dl = dataloaders(data, cfg, accelerator.device)
+    streaming = not hasattr(data.train, "__len__")
+
+    # --- model, optimizers, schedules, resume
+    model = build_model(cfg, data.tokenizer)
+    checkpoint = check_resume(accelerator, cfg, model, streaming)
+    n_params = sum(p.numel() for p in model.parameters())
+    optimizers = build_optimizers(model, cfg, accelerator.device.type)
+    schedulers = [make_schedule(opt, cfg) for opt in optimizers]
+    start_output_dir(cfg, accelerator)
+    model, optimizers, schedulers, train_dl, eval_dl = prepare(
+        accelerator, cfg, model, optimizers, schedulers, train_dl, eval_dl, streaming
+    )
+    init_trackers(accelerator, cfg)
+    state = resume(accelerator, checkpoint, train_dl)
+    accum = cfg.gradient_accumulation_steps
+    state.update(layout(cfg, accelerator, train_dl))
+    batches = micro_batches(train_dl, state, accum, accelerator)
+    log = JsonlLog(output_dir / "metrics.jsonl", enabled=main_proc, keep_until_step=state["global_step"])
+    meter = Meter(accelerator, flops_per_token(plain_model(model).config, cfg.block_size),
+                  run_peak_flops(accelerator.device, cfg.mixed_precision, world))  # fmt: skip
+    accelerator.print(describe_run(cfg, n_params, len(data.tokenizer), world))
+
+    # --- the loop
+    model.train()
+    progress = tqdm(total=cfg.max_steps, initial=state["global_step"], disable=not main_proc, desc="train", dynamic_ncols=True)  # fmt: skip
+    t_start, runtime_before, last_eval = time.perf_counter(), state["train_runtime"], {}
+    while state["global_step"] < cfg.max_steps:
+        epochs, window = zip(*(next(batches) for _ in range(accum)))
+        # Normalise by the target tokens of the whole window on every process, so that 2 processes x 1
+        # micro-batch and 1 process x 2 micro-batches take the same step.
+        n_items = sum(b["shift_labels"].ne(-100).sum() for b in window)
+        n_items = accelerator.reduce(n_items, "sum") if world > 1 else n_items
+        for batch in window:
+            with accelerator.accumulate(model):  # DDP syncs gradients on the window's last micro-batch only
+                out = model(
+                    input_ids=batch["input_ids"],
+                    shift_labels=batch["shift_labels"],
+                    num_items_in_batch=n_items,
+                )
+                # backward divides by accum and DDP averages over processes; undo both: the sum is exact.
+                accelerator.backward(out.loss * accum * world)
+            meter.loss_sum += out.loss.detach()
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        for optimizer, scheduler in zip(optimizers, schedulers):
+            optimizer.step()
+            if not optimizer.step_was_skipped:  # fp16: the scaler skips steps with inf gradients
+                scheduler.step()
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+
+        step = state["global_step"] = state["global_step"] + 1
+        window_tokens = sum(b["input_ids"].numel() for b in window) * world  # shapes only: no sync
+        state["tokens_seen"] += window_tokens
+        state["epoch"] = epochs[-1]
+        meter.step_done(step, window_tokens)
+        progress.update(1)
+        is_log = step % cfg.logging_steps == 0 or step == cfg.max_steps
+        is_eval = step % cfg.eval_steps == 0 or step == cfg.max_steps
+        is_save = step % cfg.save_steps == 0
+        stopping, bad = False, 0
+        if is_log or is_eval or is_save or step % AGREE_EVERY == 0 or (world == 1 and stop.received):
+            stopping, bad = agree(stop, meter.first_bad_step, accelerator)
+        if bad:
+            stop_run(accelerator, hub, 1, f"\nLoss became NaN or infinite at step {bad}; stopping. The last good "
+                     f"checkpoint stays in {output_dir}. Try a lower learning_rate or max_grad_norm.")  # fmt: skip
+        if is_log:
+            row = meter.row(step, state, schedulers[0].get_last_lr()[0], grad_norm)
+            log_row(accelerator, log, row, progress, "train")
+        if is_eval:
+            with meter.paused():  # evaluation time is not training throughput
+                # The final evaluation scores the whole validation split; the ones along the way may sample it.
+                max_batches = None if step == cfg.max_steps else cfg.max_eval_batches
+                last_eval = evaluate(model, eval_dl, accelerator, max_batches, data.summary["validation"].bytes_per_token)  # fmt: skip
+                log_row(accelerator, log, {"step": step, **last_eval}, progress, "eval")
+        state["train_runtime"] = runtime_before + time.perf_counter() - t_start
+        stopping = stopping and step < cfg.max_steps  # a stop on the last step just finishes
+        if is_save or stopping:
+            with meter.paused():
+                results = run_results(state, meter.train_loss, last_eval, data, n_params)
+                path = save(
+                    accelerator, model, cfg, state, data, log, results, hub, train_dl if streaming else None
+                )
+        if stopping:
+            progress.close()
+            stop_run(accelerator, hub, 128 + (stop.received or signal.SIGTERM),
+                     f"\nStopped by signal at step {step}; saved {path}.\nResume with: {resume_hint(argv, world)}")  # fmt: skip
+    progress.close()
+
+    # --- finish
+    if streaming:
+        data.summary["train"] = stream_summary(train_dl, accelerator)
+    results = run_results(state, meter.train_loss, last_eval, data, n_params)
+    finish(accelerator, model, cfg, data, log, results, hub)
     return results
 
 

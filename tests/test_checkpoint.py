@@ -1,0 +1,294 @@
+"""The checkpoint module and the loop's helpers, in-process: no subprocess, no launcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from recipe.checkpoint import (
+    STATE_FILE,
+    check_model_matches,
+    find_checkpoint,
+    list_checkpoints,
+    plain_model,
+    resume_accumulation,
+    rotate_checkpoints,
+    save_model_folder,
+)
+from recipe.config import ConfigError, RunConfig
+from recipe.metrics import JsonlLog, run_peak_flops
+from recipe.optim import make_schedule, param_groups
+
+
+def make_checkpoints(root: Path, steps: list[int], incomplete: list[int] = ()) -> None:
+    for step in steps:
+        (root / f"checkpoint-{step}").mkdir(parents=True)
+        (root / f"checkpoint-{step}" / STATE_FILE).write_text(json.dumps({"global_step": step}))
+    for step in incomplete:
+        (root / f"checkpoint-{step}").mkdir(parents=True)  # no trainer_state.json: a crash mid-write
+        (root / f"tmp-checkpoint-{step}").mkdir(parents=True)
+
+
+def test_listing_orders_by_step_and_ignores_incomplete_folders(tmp_path):
+    make_checkpoints(tmp_path, [100, 20, 3], incomplete=[200])
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-3", "checkpoint-20", "checkpoint-100"]
+    assert list_checkpoints(tmp_path / "missing") == []
+
+
+def test_rotation_keeps_the_newest_and_spares_the_one_uploading(tmp_path):
+    make_checkpoints(tmp_path, [10, 20, 30, 40])
+    deleted = rotate_checkpoints(tmp_path, 2, uploading="checkpoint-10")
+    assert [p.name for p in deleted] == ["checkpoint-20"]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-10", "checkpoint-30", "checkpoint-40"]
+    assert rotate_checkpoints(tmp_path, None) == []  # None keeps everything
+
+
+def test_find_checkpoint_latest_path_hub_and_errors(tmp_path):
+    make_checkpoints(tmp_path, [5, 10])
+    never = lambda repo: pytest.fail("no download expected")  # noqa: E731
+    assert find_checkpoint(None, tmp_path, never) is None
+    assert find_checkpoint("latest", tmp_path, never).name == "checkpoint-10"
+    assert find_checkpoint(str(tmp_path / "checkpoint-5"), tmp_path, never).name == "checkpoint-5"
+    with pytest.raises(ConfigError, match="holds no checkpoint"):
+        find_checkpoint("latest", tmp_path / "empty", never)
+    with pytest.raises(ConfigError, match="not a complete checkpoint"):
+        find_checkpoint(str(tmp_path), tmp_path, never)
+    asked = []
+    found = find_checkpoint(
+        "someone/run", tmp_path, lambda repo: asked.append(repo) or tmp_path / "checkpoint-5"
+    )
+    assert asked == ["someone/run"] and found.name == "checkpoint-5"
+
+
+@pytest.mark.parametrize(
+    "saved,world,streaming,expected",
+    [
+        ({"num_processes": 1, "gradient_accumulation_steps": 2}, 2, False, 1),  # same tokens per step
+        ({"num_processes": 2, "gradient_accumulation_steps": 1}, 1, False, 2),
+        ({"num_processes": 2, "gradient_accumulation_steps": 1}, 2, False, 1),  # unchanged
+        ({"num_processes": 1, "gradient_accumulation_steps": 1}, 2, False, "cannot be split evenly"),
+        ({"num_processes": 1, "gradient_accumulation_steps": 2}, 2, True, "streamed"),
+        ({"num_processes": 1, "gradient_accumulation_steps": 1, "per_device_train_batch_size": 4}, 1, False,
+         "per_device_train_batch_size 4"),
+    ],
+)  # fmt: skip
+def test_resume_keeps_the_global_batch_or_refuses_naming_both_counts(saved, world, streaming, expected):
+    cfg = RunConfig(
+        gradient_accumulation_steps=saved["gradient_accumulation_steps"], per_device_train_batch_size=8
+    )
+    if isinstance(expected, int):
+        assert resume_accumulation(saved, cfg, world, streaming) == expected
+    else:
+        with pytest.raises(ConfigError, match=expected) as err:
+            resume_accumulation(saved, cfg, world, streaming)
+        if "processes" in str(err.value):
+            assert f"{saved['num_processes']} process" in str(err.value) and f"has {world}" in str(err.value)
+
+
+def test_a_checkpoint_of_another_shape_is_one_line_naming_the_keys(tmp_path, tiny_gpt):
+    tiny_gpt(hidden_size=32).save_pretrained(tmp_path)
+    check_model_matches(tmp_path, tiny_gpt(hidden_size=32).config)  # same shape: fine
+    with pytest.raises(ConfigError) as err:
+        check_model_matches(tmp_path, tiny_gpt(hidden_size=64, num_hidden_layers=3).config)
+    message = str(err.value)
+    assert "hidden_size (checkpoint 32, this run 64)" in message and "num_hidden_layers" in message
+    assert "\n" not in message
+
+
+def test_save_model_folder_drops_the_compile_wrapper_and_reloads_exactly(tmp_path, tiny_gpt):
+    model = tiny_gpt()
+    compiled = torch.compile(model)
+    assert next(iter(compiled.state_dict())).startswith("_orig_mod.")  # what used to be exported
+    saved = save_model_folder(compiled, tmp_path, None, is_main=True)
+    assert saved is model
+    reloaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    ids = torch.randint(0, 97, (2, 10))
+    assert torch.allclose(model(ids).logits, reloaded.eval()(ids).logits, atol=1e-6)
+    assert "max_length" not in json.loads((tmp_path / "generation_config.json").read_text())
+
+
+def test_unwrapping_a_compiled_ddp_model_leaves_the_live_model_wrapped(tmp_path, tiny_gpt):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        live = torch.compile(torch.nn.parallel.DistributedDataParallel(tiny_gpt()))
+        inner = plain_model(live)
+        assert not isinstance(inner, torch.nn.parallel.DistributedDataParallel)
+        assert isinstance(live._orig_mod, torch.nn.parallel.DistributedDataParallel)  # no_sync still there
+        assert all(not k.startswith(("_orig_mod", "module")) for k in inner.state_dict())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_mfu_denominator_is_every_device_of_the_run(monkeypatch):
+    monkeypatch.setattr("recipe.metrics.gpu_peak_flops", lambda device, mp: 989e12)
+    assert run_peak_flops(torch.device("cuda"), "bf16", 8) == 8 * 989e12
+
+
+def test_the_schedule_warms_up_then_reaches_its_floor_exactly_at_max_steps():
+    cfg = RunConfig(max_steps=20, warmup_steps=2, learning_rate=1.0, min_lr_ratio=0.1)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = make_schedule(opt, cfg)
+    lrs = []
+    for _ in range(cfg.max_steps):
+        opt.step()
+        sched.step()
+        lrs.append(sched.get_last_lr()[0])
+    assert lrs[0] == pytest.approx(0.5) and lrs[1] == pytest.approx(1.0)
+    assert lrs[-1] == pytest.approx(0.1)  # the floor, reached exactly at the last step
+
+
+def test_param_groups_decay_matrices_only_and_count_the_tied_head_once(tiny_gpt):
+    model = tiny_gpt()
+    decay, no_decay = param_groups(model, 0.1)
+    params = decay["params"] + no_decay["params"]
+    assert len({id(p) for p in params}) == len(params) == len(list(model.parameters()))
+    assert all(p.ndim == 2 for p in decay["params"])
+    assert model.transformer.wte.weight in [p for p in no_decay["params"]]
+
+
+def test_metrics_log_drops_rows_after_the_resumed_step(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (10, 20, 30)))
+    log = JsonlLog(path, keep_until_step=20)
+    assert [r["step"] for r in log.rows] == [10, 20]
+    log.write({"step": 30, "loss": 0.5})
+    assert [json.loads(line)["loss"] for line in path.read_text().splitlines()] == [1.0, 1.0, 0.5]
+
+
+class _Stub:
+    device = torch.device("cpu")
+
+    @staticmethod
+    def skip_first_batches(dataloader, skip):
+        from accelerate import skip_first_batches
+
+        return skip_first_batches(dataloader, skip)
+
+
+def test_micro_batches_resume_mid_epoch_and_run_into_the_next():
+    from recipe.train import micro_batches
+
+    data = [{"x": torch.tensor([i])} for i in range(5)]
+    loader = torch.utils.data.DataLoader(data, batch_size=2, drop_last=True)  # 2 batches an epoch
+    state = {"global_step": 3, "epoch": 0}  # 3 micro-batches consumed: epoch 1, batch 1
+    stream = micro_batches(loader, state, 1, _Stub())
+    got = [(epoch, batch["x"].view(-1).tolist()) for epoch, batch in (next(stream) for _ in range(3))]
+    assert got == [(1, [2, 3]), (2, [0, 1]), (2, [2, 3])]
+
+
+def test_evaluation_builds_no_cache(tiny_gpt):
+    from accelerate import Accelerator
+
+    from recipe.train import evaluate
+
+    model = tiny_gpt()
+    seen = []
+    model.register_forward_hook(lambda module, args, kwargs, out: seen.append(out.cache), with_kwargs=True)
+    blocks = torch.randint(0, 97, (4, 9))
+    data = [{"input_ids": b[:-1], "shift_labels": b[1:]} for b in blocks]
+    metrics = evaluate(
+        model, torch.utils.data.DataLoader(data, batch_size=2), Accelerator(cpu=True), None, 2.0
+    )
+    assert seen == [None, None]
+    assert 0 <= metrics["eval_accuracy"] <= 1 and metrics["eval_bits_per_byte"] > 0
+
+
+def test_no_load_path_unpickles_freely(tmp_path, tiny_gpt, monkeypatch):
+    """Resuming loads weights from safetensors, our state from JSON and accelerate's files with weights_only."""
+    from accelerate import Accelerator
+
+    from recipe.checkpoint import read_rank_state, save_checkpoint
+    from recipe.train import make_accelerator
+
+    cfg = RunConfig(output_dir=str(tmp_path), report_to="none")
+    accelerator = make_accelerator(cfg)
+    assert isinstance(accelerator, Accelerator)
+    model = tiny_gpt().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = make_schedule(opt, cfg)
+    model, opt, sched = accelerator.prepare(model, opt, sched)
+    model(input_ids=torch.randint(0, 97, (2, 8)), labels=torch.randint(0, 97, (2, 8))).loss.backward()
+    opt.step()
+    state = {"global_step": 1, "tokens_seen": 16, "train_runtime": 1.0}
+    path = save_checkpoint(accelerator, model, tmp_path, state, None, None, rank_state={"epoch": 3})
+    assert not (path / "training_state" / "model.safetensors").exists()  # the weights are saved once
+
+    before = {k: v.clone() for k, v in plain_model(model).state_dict().items()}
+    with torch.no_grad():
+        for p in plain_model(model).parameters():
+            p.zero_()
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(
+        torch, "load", lambda *a, **k: loads.append(k.get("weights_only")) or real_load(*a, **k)
+    )
+    monkeypatch.setattr(pickle, "load", lambda *a, **k: pytest.fail("pickle.load on resume"))
+    monkeypatch.setattr(pickle, "loads", lambda *a, **k: pytest.fail("pickle.loads on resume"))
+    accelerator.load_state(str(path / "training_state"))
+    assert read_rank_state(path, 0) == {"epoch": 3}
+    assert loads and all(w is True for w in loads), loads
+    after = plain_model(model).state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_cpu_run_uses_the_cores_whatever_the_launcher_set(tmp_path, monkeypatch):
+    """`accelerate launch` exports OMP_NUM_THREADS=1 for a single CPU process: half speed on 2 cores."""
+    from recipe.train import default_threads, make_accelerator
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        make_accelerator(RunConfig(output_dir=str(tmp_path), report_to="none"))
+        assert torch.get_num_threads() == default_threads() == len(os.sched_getaffinity(0))
+        make_accelerator(RunConfig(output_dir=str(tmp_path), report_to="none", num_threads=1))
+        assert torch.get_num_threads() == 1
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(2 * default_threads()))
+        assert default_threads() == 1  # never zero
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_export_check_holds_under_mixed_precision_and_catches_a_changed_weight(tmp_path, tiny_gpt):
+    """accelerate wraps the live forward in autocast: the check must compare the plain forwards."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from recipe.train import verify_export
+
+    AcceleratorState._reset_state(True)
+    try:
+        model = Accelerator(cpu=True, mixed_precision="bf16").prepare(tiny_gpt())
+        saved = save_model_folder(model, tmp_path, None, is_main=True)
+        assert verify_export(tmp_path, saved) == 0.0
+        with torch.no_grad():
+            saved.transformer.h[0].mlp.c_fc.weight[0, 0] += 1.0
+        with pytest.raises(RuntimeError, match="differs from the trained one"):
+            verify_export(tmp_path, saved)
+    finally:
+        AcceleratorState._reset_state(True)
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "modern"])
+def test_flops_per_token_counts_every_matmul_weight(architecture):
+    from recipe import GPTConfig, GPTForCausalLM
+    from recipe.metrics import flops_per_token
+
+    config = GPTConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       max_position_embeddings=32, architecture=architecture)  # fmt: skip
+    model = GPTForCausalLM(config)
+    weights = sum(
+        m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)
+    )  # head included
+    attention = 12 * config.num_hidden_layers * config.hidden_size * 32
+    assert flops_per_token(config, 32) == 6 * weights + attention
