@@ -34,9 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 BASELINE = "gpt2-adamw"
 # name -> (label, overrides on the base config). Only features a stock architecture expresses (Qwen3 here).
 CANDIDATES: dict[str, tuple[str, dict[str, Any]]] = {
-    BASELINE: ("GPT-2 + AdamW (today's default)", {}),
-    "gpt2-muon": ("GPT-2 + Muon", {"optim": "muon"}),
-    "modern-adamw": ("modern + AdamW", {"architecture": "modern"}),
+    # Every candidate names its architecture and optimizer, so the labels hold whatever --config says.
+    BASELINE: ("GPT-2 + AdamW (today's default)", {"architecture": "gpt2", "optim": "adamw"}),
+    "gpt2-muon": ("GPT-2 + Muon", {"architecture": "gpt2", "optim": "muon"}),
+    "modern-adamw": ("modern + AdamW", {"architecture": "modern", "optim": "adamw"}),
     "modern-muon": ("modern + Muon", {"architecture": "modern", "optim": "muon"}),
     "modern-muon-lr4e-3": (
         "modern + Muon, lr 4e-3",

@@ -414,9 +414,13 @@ def _nonblank(texts: list[str | None]) -> list[bool]:
     return [bool(text and not text.isspace()) for text in texts]
 
 
+def _nonblank_text(text: str | None) -> bool:
+    return _nonblank([text])[0]  # module level: a stream is pickled into spawned DataLoader workers
+
+
 def _drop_blank(ds: Dataset | IterableDataset) -> Dataset | IterableDataset:
     if isinstance(ds, IterableDataset):  # one document at a time: a stream's state is exact per document
-        return ds.filter(lambda text: _nonblank([text])[0], input_columns="text")
+        return ds.filter(_nonblank_text, input_columns="text")
     return ds.filter(_nonblank, batched=True, input_columns="text", new_fingerprint=_step(ds, _nonblank))
 
 

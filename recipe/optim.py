@@ -152,8 +152,9 @@ def build_optimizers(model: torch.nn.Module, cfg: RunConfig, device_type: str) -
 def make_schedule(optimizer: torch.optim.Optimizer, cfg: RunConfig, num_processes: int = 1):
     """Linear warmup, then cosine down to `min_lr_ratio` of the peak (0: down to zero).
 
-    A scheduler prepared by accelerate steps once per process per optimizer step, so the horizon is scaled
-    by the number of processes (HF_NOTES section 9)."""
+    train.py steps it once per optimizer step (Accelerator(step_scheduler_with_optimizer=False)), so
+    num_processes stays 1 there; a scheduler stepped by accelerate with the optimizer would step once per
+    process per step and needs the horizon scaled by num_processes (HF_NOTES section 9)."""
     warmup, total = cfg.warmup_steps * num_processes, cfg.max_steps * num_processes
     if cfg.min_lr_ratio > 0:
         return get_cosine_with_min_lr_schedule_with_warmup(

@@ -113,6 +113,14 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
             "FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config "
             "(configs/accelerate/fsdp.yaml does)"
         )
+    if cfg.optim == "muon" and accelerator.distributed_type in (
+        DistributedType.FSDP,
+        DistributedType.DEEPSPEED,
+    ):
+        raise ConfigError(
+            f"optim muon is not supported under {accelerator.distributed_type} (its Newton-Schulz step needs "
+            "whole matrices): use --optim adamw, or DDP"
+        )
     accelerator.register_save_state_pre_hook(skip_weights_in_save_state)
     accelerator.register_load_state_pre_hook(load_weights_from_model_folder)
     if accelerator.device.type == "cpu":
