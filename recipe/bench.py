@@ -32,28 +32,18 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from recipe import GPTForCausalLM
 from recipe.bench_data import bench_data
 from recipe.bench_data import parse_args as bench_data_args
-from recipe.config import RunConfig, gpt_config, load_config
+from recipe.config import RunConfig, TokenizerSize, gpt_config, load_config
 from recipe.export import gpt2_state_dict_from
 from recipe.metrics import flops_per_token, measure_matmul_peak
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class _Vocab:
-    """What `gpt_config` reads of a tokenizer: its size and special token ids."""
-
-    bos_token_id = eos_token_id = pad_token_id = 0
-
-    def __init__(self, size: int):
-        self.size = size
-
-    def __len__(self) -> int:
-        return self.size
-
-
 def build_ours(cfg: RunConfig, vocab: int, attn: str = "sdpa") -> GPTForCausalLM:
     """The model train.py builds for `cfg` (the same mapping, recipe.config.gpt_config), with `attn`."""
-    return GPTForCausalLM(gpt_config(dataclasses.replace(cfg, attn_implementation=attn), _Vocab(vocab)))
+    return GPTForCausalLM(
+        gpt_config(dataclasses.replace(cfg, attn_implementation=attn), TokenizerSize(vocab))
+    )
 
 
 def build_stock(cfg: RunConfig, vocab: int, activation: str = "gelu_new") -> GPT2LMHeadModel:

@@ -47,31 +47,18 @@ CANDIDATES: dict[str, tuple[str, dict[str, Any]]] = {
 DEFAULT_CANDIDATES = "modern-adamw,modern-muon,modern-muon-lr4e-3"
 
 
-class _Vocab:
-    """What `gpt_config` reads from a tokenizer, for timing a step without preparing data."""
-
-    bos_token_id = eos_token_id = 0
-    pad_token_id = 1
-
-    def __init__(self, size: int):
-        self.size = size
-
-    def __len__(self) -> int:
-        return self.size
-
-
 def seconds_per_step(configs: dict[str, Any], rounds: int = 3, steps: int = 4) -> dict[str, float]:
     """Median CPU seconds of a bare training step (forward, backward, clip, every optimizer) per candidate on
     one thread, the candidates interleaved round by round. CPU time of one thread is what a step costs
     whatever else runs on the machine (wall time on a shared machine is not); only the ratios are used."""
     from recipe import GPTForCausalLM
-    from recipe.config import gpt_config
+    from recipe.config import TokenizerSize, gpt_config
     from recipe.optim import build_optimizers
 
     setups = {}
     for name, cfg in configs.items():
         torch.manual_seed(0)
-        model = GPTForCausalLM(gpt_config(cfg, _Vocab(cfg.vocab_size))).train()
+        model = GPTForCausalLM(gpt_config(cfg, TokenizerSize(cfg.vocab_size))).train()
         x = torch.randint(0, cfg.vocab_size, (cfg.per_device_train_batch_size, cfg.block_size))
         setups[name] = (model, build_optimizers(model, cfg, "cpu"), x, cfg.max_grad_norm)
 

@@ -110,9 +110,6 @@ class RunConfig:
     def validate(self) -> None:
         positive = [
             "vocab_size",
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
             "block_size",
             "max_steps",
             "per_device_train_batch_size",
@@ -140,10 +137,6 @@ class RunConfig:
         if not 0 < self.validation_split_percentage < 100:
             raise ConfigError(
                 f"validation_split_percentage must be in (0, 100), got {self.validation_split_percentage!r}"
-            )
-        if self.hidden_size % self.num_attention_heads:
-            raise ConfigError(
-                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads ({self.num_attention_heads})"
             )
         choices = {
             "mixed_precision": ("no", "bf16", "fp16"),
@@ -187,6 +180,17 @@ class RunConfig:
         if self.optim == "muon" and self.mixed_precision == "fp16":
             # accelerate's GradScaler updates after each optimizer: the second would step on unscaled gradients.
             raise ConfigError("optim muon with mixed_precision fp16 is not supported: use bf16 (or no)")
+        self.check_model()
+
+    def check_model(self) -> None:
+        """The model keys are checked where they live, by GPTConfig (its errors name the field), before any
+        data is prepared. Called at the end of validate()."""
+        if self.model_name_or_path:
+            return
+        try:
+            gpt_config(self, TokenizerSize(self.vocab_size))
+        except (ValueError, TypeError) as err:
+            raise ConfigError(str(err).replace("GPTConfig.", "")) from None
 
     def to_dict(self) -> dict[str, Any]:
         """Every key, the Hub token masked (this is what run_config.yaml, trackers and the Hub see)."""
@@ -306,6 +310,19 @@ def load_config(argv: list[str] | None = None, config_file: str | None = None) -
         values.update(loaded)
     values.update(overrides)
     return build_config(values)
+
+
+class TokenizerSize:
+    """What `gpt_config` reads of a tokenizer (its size and special token ids), for building a model
+    configuration before any tokenizer exists (validation, benchmarks)."""
+
+    bos_token_id = eos_token_id = pad_token_id = 0
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
 
 
 def gpt_config(cfg: RunConfig, tokenizer: Any):

@@ -55,8 +55,6 @@ from recipe import corpus
 from recipe.config import ConfigError, RunConfig, load_config
 from recipe.tokenizer import get_tokenizer, tokenizer_fingerprint
 
-logger = logging.getLogger(__name__)
-
 BUILDERS = {
     ".json": "json",
     ".jsonl": "json",
