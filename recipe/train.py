@@ -625,7 +625,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     data = prepare_data(cfg, accelerator.local_main_process_first, accelerator.process_index, world)
     train_dl, eval_dl = dataloaders(data, cfg, accelerator.device)
-    streaming = not hasattr(data.train, "__len__")
+    streaming = is_stream(train_dl)
 
     # --- model, optimizers, schedules, resume
     model = build_model(cfg, data.tokenizer)
