@@ -1,6 +1,6 @@
 """Side-by-side benchmark: one process, variants interleaved (A B A B ...) so machine noise hits all alike.
 
-    python -m recipe.bench [--config configs/shakespeare.yaml] [--rounds 5] [--steps 5] [--skip compile,loop]
+    python -m recipe.bench [--config configs/shakespeare-gpt2.yaml] [--rounds 5] [--steps 5] [--skip compile,loop]
 
 Prints a table with ratios and appends it to BENCHMARKS.md with the date and machine.
 Sections: ours vs stock GPT2LMHeadModel (tokens/s and MFU against the measured matmul peak); the full
@@ -266,7 +266,8 @@ def bench_tokenization(config_path: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(prog="python -m recipe.bench", description=__doc__.split("\n")[0])
-    p.add_argument("--config", default=str(ROOT / "configs" / "shakespeare.yaml"))
+    # The GPT-2 architecture: the model section compares against stock GPT2LMHeadModel with the same weights.
+    p.add_argument("--config", default=str(ROOT / "configs" / "shakespeare-gpt2.yaml"))
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--skip", default="", help="comma-separated: models, compile, loop, tokenization, data")
