@@ -22,14 +22,15 @@ def test_dry_run_passes_without_datasets_or_matplotlib(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(hide), "HF_HUB_OFFLINE": "1"}
     # The short version (a few steps each); `make gpu-check DRY_RUN=1` runs the default plan.
     cmd = [sys.executable, str(ROOT / "recipe/gpu_check.py"), "--dry-run", "--no-compile", "--steps", "6",
-           "--resume-steps", "2", "--multi-steps", "3", "--output_dir", str(tmp_path / "out"),
+           "--resume-steps", "2", "--multi-steps", "3", "--mixed_precision", "bf16", "--output_dir", str(tmp_path / "out"),
            "--summary", str(tmp_path / "summary.md")]  # fmt: skip
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
     assert "gpu-check: all checks passed" in output
     table = (tmp_path / "summary.md").read_text()
-    for row in ("| export reload: max logit diff | 0 ", "| resume: max loss / weight diff | 0 / 0 ",
+    for row in ("| export reload: max logit diff | 0 ", "| resume: max loss diff / weight gap ",
+                "= max(5%, 3 x two resumes' own gap",
                 "| DDP x 2, 3 steps |", "| FSDP2 (fully_shard, gloo) x 2, 3 steps |"):  # fmt: skip
         assert row in table, table
     assert "FAIL" not in table
@@ -44,7 +45,7 @@ def test_a_failed_check_fails(monkeypatch):
     found = {"gpus": "none", "torch": "x", "cuda": "none", "transformers": "x", "accelerate": "x"}
     table, ok = gpu_check.summary(found, {"error": "RuntimeError: boom"}, {}, args, 1.0)
     assert not ok and "| one device | FAIL: RuntimeError: boom |" in table
-    resume = {"resume_ok": False, "resume_loss_diff": 0.1, "resume_weight_diff": 0.1, "resume_tolerance": "x"}
+    resume = {"resume_ok": False, "resume_loss_diff": 0.1, "resume_weight_diff": 0.1, "resume_share": 1.0, "resume_tolerance": "x"}
     assert not gpu_check.summary(found, resume, {}, args, 1.0)[1]
     multi = {"ddp": {"error": "exit code 1"}}
     assert not gpu_check.summary(found, {}, multi, args, 1.0)[1]
