@@ -315,7 +315,7 @@ def single_device(args: argparse.Namespace, out: Path, res: dict) -> None:
     go_on = train_steps(model, optimizers, schedulers, batches, range(steps, steps + resumed), cfg.max_grad_norm, accelerator)  # fmt: skip
     losses_a, weights_a = [x.item() for x in go_on], cpu_weights(model)
     accelerator.free_memory()
-    del model, optimizers, schedulers, go_on
+    model = optimizers = schedulers = go_on = None  # free the GPU memory before the resumes
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -347,7 +347,9 @@ def single_device(args: argparse.Namespace, out: Path, res: dict) -> None:
         f"{'PASS' if res['resume_ok'] else 'FAIL'}")  # fmt: skip
 
 
-def resume_from(cfg, checkpoint: Path, batches: Batches, steps: range, seed: int, res: dict) -> tuple[list, dict]:
+def resume_from(
+    cfg, checkpoint: Path, batches: Batches, steps: range, seed: int, res: dict
+) -> tuple[list, dict]:
     """A fresh accelerator and a differently seeded model load `checkpoint` (so every weight must come from it)
     and take `steps`: (losses, weights on the CPU)."""
     import torch

@@ -45,7 +45,13 @@ def test_a_failed_check_fails(monkeypatch):
     found = {"gpus": "none", "torch": "x", "cuda": "none", "transformers": "x", "accelerate": "x"}
     table, ok = gpu_check.summary(found, {"error": "RuntimeError: boom"}, {}, args, 1.0)
     assert not ok and "| one device | FAIL: RuntimeError: boom |" in table
-    resume = {"resume_ok": False, "resume_loss_diff": 0.1, "resume_weight_diff": 0.1, "resume_share": 1.0, "resume_tolerance": "x"}
+    resume = {
+        "resume_ok": False,
+        "resume_loss_diff": 0.1,
+        "resume_weight_diff": 0.1,
+        "resume_share": 1.0,
+        "resume_tolerance": "x",
+    }
     assert not gpu_check.summary(found, resume, {}, args, 1.0)[1]
     multi = {"ddp": {"error": "exit code 1"}}
     assert not gpu_check.summary(found, {}, multi, args, 1.0)[1]
