@@ -476,7 +476,9 @@ def _num_proc(cfg: RunConfig, docs: Dataset) -> int | None:
     if cfg.preprocessing_num_workers is not None:
         return cfg.preprocessing_num_workers if cfg.preprocessing_num_workers > 1 else None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    workers = min(cores, len(docs), docs.data.nbytes // MIN_BYTES_PER_WORKER)
+    # `docs.data` is the whole table under a selection (a held-out split is a few rows of it): scale to rows
+    text_bytes = docs.data.nbytes * len(docs) // max(docs.data.num_rows, 1)
+    workers = min(cores, len(docs), text_bytes // MIN_BYTES_PER_WORKER)
     return workers if workers > 1 else None
 
 
@@ -653,9 +655,24 @@ class StreamLoader(StatefulDataLoader):
         self.dataset.set_epoch(epoch)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "loader": super().state_dict()}
+        layout = {"num_workers": self.num_workers, "n_shards": self.dataset.docs.n_shards}
+        return {"epoch": self.epoch, "loader": super().state_dict(), **layout}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore the position; a layout the position cannot map onto is refused in one line (torchdata
+        would stop on a bare assertion, or `datasets` resume another shard's position)."""
+        if state.get("num_workers", self.num_workers) != self.num_workers:
+            raise ConfigError(
+                f"resume_from_checkpoint: the stream's position was saved with dataloader_num_workers "
+                f"{state['num_workers']} (one position per worker), this run has {self.num_workers}; resume "
+                f"with --dataloader_num_workers {state['num_workers']}"
+            )
+        if state.get("n_shards", self.dataset.docs.n_shards) != self.dataset.docs.n_shards:
+            raise ConfigError(
+                f"resume_from_checkpoint: this process read {state['n_shards']} stream shards when the "
+                f"checkpoint was saved and has {self.dataset.docs.n_shards} now: the data files (or the "
+                "process count) changed since; resume with the same files"
+            )
         self.set_epoch(state["epoch"])
         super().load_state_dict(state["loader"])
 

@@ -534,3 +534,17 @@ def test_dataset_name_without_validation_split(tmp_path):
         assert streamed.summary["validation"].documents == len(held)
     with pytest.raises(ConfigError, match="dataset_name: cannot load"):
         prepare_data(config(tmp_path, dataset_name=str(tmp_path / "no-such-dataset")))
+
+
+def test_tokenizer_workers_follow_the_split_not_the_table_under_it(monkeypatch):
+    """A held-out split selects a few rows of the whole table: its worker count follows its own text."""
+    import recipe.data as data_module
+    from datasets import Dataset
+
+    monkeypatch.setattr(data_module.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(data_module, "MIN_BYTES_PER_WORKER", 10_000)
+    table = Dataset.from_dict({"text": ["x" * 1_000] * 400})  # ~400 KB: 8 workers (all cores)
+    cfg = RunConfig()
+    assert data_module._num_proc(cfg, table) == 8
+    assert data_module._num_proc(cfg, table.select(range(40))) == 4  # ~40 KB of text: 4 workers
+    assert data_module._num_proc(cfg, table.select(range(10))) is None  # ~10 KB: one process

@@ -76,14 +76,18 @@ result["resume"] += [r for b in it for r in rows(b)]
 """
 
 
-def run_ranks(tmp_path: Path) -> list[dict]:
-    (tmp_path / "shards").mkdir()
-    for s in range(SHARDS):
+def write_shards(folder: Path, shards: range) -> None:
+    folder.mkdir(exist_ok=True)
+    for s in shards:
         lines = []
         for i in range(s * PER_SHARD, (s + 1) * PER_SHARD):
             words = " ".join(f"d{i}w{j}" for j in range(3 + i % 7))
             lines.append(json.dumps({"text": f"Document {i}: {words}"}) + "\n")
-        (tmp_path / "shards" / f"part-{s}.jsonl").write_text("".join(lines))
+        (folder / f"part-{s}.jsonl").write_text("".join(lines))
+
+
+def run_ranks(tmp_path: Path) -> list[dict]:
+    write_shards(tmp_path / "shards", range(SHARDS))
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -174,3 +178,28 @@ def test_streams_hold_out_and_resume_on_two_processes_with_two_workers(tmp_path)
         extra, missing = sum((got - full_blocks).values()), sum((full_blocks - got).values())
         assert extra <= 2 * (BATCH - 1), extra
         assert 0 < missing <= 2 * BUFFER + 2 * (BATCH - 1), missing
+
+
+def test_a_stream_position_is_refused_where_it_cannot_continue(tmp_path):
+    """Another dataloader_num_workers or another file list at resume: one line naming what changed."""
+    import dataclasses
+
+    import pytest
+
+    from recipe.config import ConfigError
+    from recipe.data import train_dataloader
+
+    write_shards(tmp_path / "shards", range(SHARDS))
+    cfg = RunConfig(vocab_size=300, block_size=16, cache_dir=str(tmp_path / "cache"), streaming=True,
+                    train_files=[str(tmp_path / "shards" / "*.jsonl")], validation_split_percentage=25,
+                    per_device_train_batch_size=BATCH, dataloader_num_workers=0)  # fmt: skip
+    data = prepare_data(cfg)
+    loader = train_dataloader(data, cfg)
+    next(iter(loader))
+    state = loader.state_dict()
+    train_dataloader(data, cfg).load_state_dict(state)  # the same layout resumes
+    with pytest.raises(ConfigError, match="saved with dataloader_num_workers 0 .* has 1; resume with --dataloader_num_workers 0"):  # fmt: skip
+        train_dataloader(data, dataclasses.replace(cfg, dataloader_num_workers=1)).load_state_dict(state)
+    write_shards(tmp_path / "shards", range(SHARDS, SHARDS + 2))  # two more files match the pattern
+    with pytest.raises(ConfigError, match=f"read {SHARDS} stream shards .* has {SHARDS + 2} now"):
+        train_dataloader(prepare_data(cfg), cfg).load_state_dict(state)
