@@ -163,6 +163,9 @@ def _load_documents(cfg: RunConfig) -> tuple[dict, str, str]:
         splits["train"], splits["validation"] = _hold_out(train, cfg)
         corpus_id = Hasher.hash([corpus_id, cfg.validation_split_percentage, cfg.seed])
         how = "by a hash of each text" if isinstance(train, IterableDataset) else f"seed {cfg.seed}"
+        if isinstance(train, Dataset):
+            copies = len(train) - len(splits["train"]) - len(splits["validation"])
+            how += f"; {copies:,} copies of held-out texts dropped from training"
         source += f"; validation: {cfg.validation_split_percentage:g}% of the documents held out ({how})"
     if len(splits["validation"]) == 0:
         raise ConfigError(f"{_key(cfg, 'validation')}: the validation split is empty (no document with text)")
@@ -194,7 +197,17 @@ def _hold_out(train: Dataset | IterableDataset, cfg: RunConfig) -> tuple[Dataset
             "holding out whole documents would leave no training data; add documents or set validation_files"
         )
     split = train.train_test_split(test_size=held, seed=cfg.seed, shuffle=True)
-    return split["train"], split["test"]
+    # As in a stream, a copy of a held-out text (boilerplate pages, mirrors) leaves training too.
+    held_hashes = frozenset(_text_hash(t, cfg.seed) for t in _texts(split["test"]))
+    kept = split["train"].filter(
+        _not_held_out_batch,
+        batched=True,
+        input_columns="text",
+        fn_kwargs={"held": held_hashes, "seed": cfg.seed},
+        num_proc=_num_proc(cfg, split["train"]),
+        desc="Dropping copies of held-out texts",
+    )
+    return kept, split["test"]
 
 
 def _text_hash(text: str, seed: int) -> int:
@@ -209,6 +222,10 @@ def _is_held_out(text: str, share: float, seed: int) -> bool:
 
 def _not_held_out(text: str, held: frozenset[int], seed: int) -> bool:
     return _text_hash(text, seed) not in held
+
+
+def _not_held_out_batch(texts: list[str], held: frozenset[int], seed: int) -> list[bool]:
+    return [_text_hash(t, seed) not in held for t in texts]
 
 
 def _local_documents(cfg: RunConfig) -> tuple[dict, str]:

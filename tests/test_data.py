@@ -186,6 +186,24 @@ def test_held_out_documents_are_whole_seeded_and_disjoint(tmp_path):
     )  # same seed, same split
 
 
+def test_copies_of_held_out_documents_leave_training(tmp_path):
+    texts = documents(20)
+    cfg = local_config(tmp_path, texts + texts[:10], validation_split_percentage=20)  # 10 texts twice
+    data = prepare_data(cfg)
+    seen = {}
+    for split in ("train", "validation"):
+        x, y = blocks(getattr(data, split))
+        decoded = data.tokenizer.decode(torch.cat([x[0, :1], y.reshape(-1)]))
+        seen[split] = {doc.split(".")[0] for doc in decoded.split(EOS) if doc.startswith("Document")}
+    assert not seen["train"] & seen["validation"]  # no held-out text is trained on, not even its copy
+    train, validation = data.summary["train"].documents, data.summary["validation"].documents
+    dropped = 30 - train - validation
+    doubled = {t.split(".")[0] for t in texts[:10]}
+    both_held = validation - len(seen["validation"])  # a text held out with its copy adds two rows
+    assert validation == 6 and dropped == len(doubled & seen["validation"]) - both_held > 0
+    assert f"{dropped:,} copies of held-out texts dropped from training" in data.source
+
+
 def test_structured_files_use_text_column(tmp_path):
     texts = documents(6)
     (tmp_path / "a.jsonl").write_text(
@@ -538,8 +556,9 @@ def test_dataset_name_without_validation_split(tmp_path):
 
 def test_tokenizer_workers_follow_the_split_not_the_table_under_it(monkeypatch):
     """A held-out split selects a few rows of the whole table: its worker count follows its own text."""
-    import recipe.data as data_module
     from datasets import Dataset
+
+    import recipe.data as data_module
 
     monkeypatch.setattr(data_module.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
     monkeypatch.setattr(data_module, "MIN_BYTES_PER_WORKER", 10_000)
