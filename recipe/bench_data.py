@@ -7,14 +7,24 @@ memory is the proportional set size (PSS, /proc/<pid>/smaps_rollup) summed over 
 children (tokenizer workers, DataLoader workers); "anon" is the part not backed by a file (the memory-mapped
 caches are file-backed: the kernel can drop those pages). What grows with the corpus is the difference between
 the two sizes, per token of the difference.
+
+PSS counts the memory-mapped raw text the tokenizer workers have read, which the kernel drops under pressure
+(clean file pages). `--memory-cap` measures what a run needs instead: where this process may create a memory
+cgroup (Linux, root), the large preparation runs again under a hard limit of the small one's peak plus
+`--cap-bytes-per-token` (default 4) per added token; it either finishes or is killed. The small one's peak is
+the smallest limit it finishes under, found by bisection to 16 MiB (PSS undercounts it: it leaves out the
+page cache of the files written, which the cgroup charges). `--throughput` prepares
+the large corpus with one tokenizer process and with all cores (`preprocessing_num_workers` unset).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -22,6 +32,8 @@ import time
 from pathlib import Path
 
 import psutil
+
+from recipe.data import MIN_BYTES_PER_WORKER
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC_BYTES = 3000
@@ -70,10 +82,41 @@ def _pss(pid: int) -> tuple[int, int]:
     return kb("Pss"), kb("Pss_Anon")
 
 
-def run_measured(code: str, args: list[str], env: dict) -> tuple[dict, int, int]:
-    """Run `python -c code args` and return its RESULT json, peak PSS and peak anonymous PSS of its tree."""
+def memory_cgroup(limit: int) -> Path | None:
+    """A new memory cgroup limited to `limit` bytes (cgroup v2 or v1), or None where none can be made."""
+    name = f"recipe-bench-{os.getpid()}-{time.monotonic_ns()}"
+    v2 = Path("/sys/fs/cgroup/cgroup.controllers")
+    if v2.is_file() and "memory" in v2.read_text().split():
+        folder, knob = Path("/sys/fs/cgroup") / name, "memory.max"
+    elif Path("/sys/fs/cgroup/memory/memory.limit_in_bytes").is_file():
+        folder, knob = Path("/sys/fs/cgroup/memory") / name, "memory.limit_in_bytes"
+    else:
+        return None
+    try:
+        folder.mkdir()
+    except OSError:
+        return None
+    try:
+        (folder / knob).write_text(str(limit))
+        if (folder / "memory.swappiness").is_file():  # v1: reclaim file pages, never swap anonymous ones
+            (folder / "memory.swappiness").write_text("0")
+    except OSError:
+        folder.rmdir()
+        return None
+    return folder
+
+
+def run_measured(code: str, args: list[str], env: dict, cgroup: Path | None = None) -> tuple[dict, int, int]:
+    """Run `python -c code args` and return its RESULT json, peak PSS and peak anonymous PSS of its tree.
+    In `cgroup`, the process and everything it starts live under that cgroup's memory limit."""
+    join = (lambda: (cgroup / "cgroup.procs").write_text(str(os.getpid()))) if cgroup else None  # noqa: E731
     proc = subprocess.Popen(
-        [sys.executable, "-c", code, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [sys.executable, "-c", code, *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=join,
     )
     peak = [0, 0]
 
@@ -93,7 +136,7 @@ def run_measured(code: str, args: list[str], env: dict) -> tuple[dict, int, int]
     out, err = proc.communicate()
     thread.join()
     if proc.returncode != 0:
-        raise RuntimeError(f"benchmark process failed:\n{err.decode()[-3000:]}")
+        raise RuntimeError(f"benchmark process failed (exit {proc.returncode}):\n{err.decode()[-3000:]}")
     line = next(x for x in out.decode().splitlines() if x.startswith("RESULT "))
     return json.loads(line[len("RESULT ") :]), peak[0], peak[1]
 
@@ -149,11 +192,10 @@ def cache_bytes(cache: Path) -> tuple[int, int]:
     return raw, other
 
 
-def measure(module: str, train_files: list[str], tokenizer: str, work: Path, env: dict) -> dict:
-    cache = work / "cache"
+def prepare_args(train_files: list[str], tokenizer: str, cache: Path) -> list[str]:
     if cache.exists():
         shutil.rmtree(cache)
-    args = [
+    return [
         "--train_files",
         ",".join(train_files),
         "--tokenizer_name",
@@ -165,6 +207,17 @@ def measure(module: str, train_files: list[str], tokenizer: str, work: Path, env
         "--per_device_train_batch_size",
         "16",
     ]
+
+
+def fixed_workers() -> list[str]:
+    """The memory table prepares both sizes with one worker per core: left unset, the small corpus would get
+    fewer (one per 4 MB of text), and each worker's own interpreter would read as growth per token."""
+    return ["--preprocessing_num_workers", str(len(os.sched_getaffinity(0)))]
+
+
+def measure(module: str, train_files: list[str], tokenizer: str, work: Path, env: dict) -> dict:
+    cache = work / "cache"
+    args = prepare_args(train_files, tokenizer, cache) + fixed_workers()
     result, pss, anon = run_measured(PREPARE.format(module=module), args, env)
     raw, prepared = cache_bytes(cache)
     _, start_pss, start_anon = run_measured(START.format(module=module), args, env)
@@ -177,6 +230,76 @@ def measure(module: str, train_files: list[str], tokenizer: str, work: Path, env
         "start_pss": start_pss,
         "start_anon": start_anon,
     }
+
+
+def under_cap(module: str, train_files: list[str], tokenizer: str, work: Path, env: dict, limit: int) -> str:
+    """Prepare again, in a fresh cache, under a memory cgroup of `limit` bytes: 'finished' or why not."""
+    cgroup = memory_cgroup(limit)
+    if cgroup is None:
+        return "n/a (no memory cgroup can be made here: needs Linux and root)"
+    stop = threading.Event()
+    # A killed tokenizer worker leaves `datasets`' pool waiting for it forever: once the cgroup reports an
+    # OOM kill, end the whole tree.
+    threading.Thread(target=_end_on_oom_kill, args=(cgroup, stop), daemon=True).start()
+    try:
+        args = prepare_args(train_files, tokenizer, work / "cache") + fixed_workers()
+        run_measured(PREPARE.format(module=module), args, env, cgroup)
+        return "finished"
+    except RuntimeError as err:
+        return (
+            "killed (out of memory)"
+            if "Killed" in str(err) or "-9" in str(err)
+            else f"failed: {str(err)[-200:]}"
+        )
+    finally:
+        stop.set()
+        for _ in range(50):  # the cgroup can be removed once its processes are gone
+            try:
+                cgroup.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
+def _end_on_oom_kill(cgroup: Path, stop: threading.Event) -> None:
+    events = cgroup / ("memory.events" if (cgroup / "memory.events").is_file() else "memory.oom_control")
+    while not stop.wait(0.2):
+        fields = dict(line.split() for line in events.read_text().splitlines() if len(line.split()) == 2)
+        if int(fields.get("oom_kill", 0)) > 0:
+            for pid in (cgroup / "cgroup.procs").read_text().split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+
+
+def smallest_cap(module: str, train_files: list[str], tokenizer: str, work: Path, env: dict, hi: int) -> int | None:  # fmt: skip
+    """The smallest memory limit (to 16 MiB) under which the preparation finishes, searched below `hi`."""
+    if not under_cap(module, train_files, tokenizer, work, env, hi).startswith("finished"):
+        return None
+    lo = 0
+    while hi - lo > 16 * 2**20:
+        mid = (lo + hi) // 2
+        verdict = under_cap(module, train_files, tokenizer, work, env, mid)
+        print(f"  {module} under {mid / 2**20:.0f} MiB: {verdict}", file=sys.stderr)
+        if verdict.startswith("n/a"):
+            return None
+        lo, hi = (lo, mid) if verdict == "finished" else (mid, hi)
+    return hi
+
+
+def throughput(train_files: list[str], tokenizer: str, work: Path, env: dict) -> list[str]:
+    """Preparation speed of `recipe.data` with one tokenizer process and with every core (the default)."""
+    cores = len(os.sched_getaffinity(0))
+    lines = ["", f"Preparing the large corpus, fresh cache each time, {cores} cores:", "",
+             "| preprocessing_num_workers | tokens | prepare s | tokens/s |", "|---|---|---|---|"]  # fmt: skip
+    for workers in ("1", None):
+        args = prepare_args(train_files, tokenizer, work / "cache")
+        args += ["--preprocessing_num_workers", workers] if workers else []
+        result, _, _ = run_measured(PREPARE.format(module="recipe.data"), args, env)
+        label = workers or f"unset: {cores} cores, at most one per {MIN_BYTES_PER_WORKER >> 20} MB of text"
+        lines.append(f"| {label} | {result['tokens'] / 1e6:.1f}M | {result['seconds']:.1f} | "
+                     f"{result['tokens'] / result['seconds'] / 1e3:,.0f}k |")  # fmt: skip
+        print(f"throughput, workers {label}: {json.dumps(result)}", file=sys.stderr)
+    return lines
 
 
 def growth(small: dict, large: dict, key: str) -> float:
@@ -192,16 +315,20 @@ def bench_data(args: argparse.Namespace) -> list[str]:
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), *args.path])}
     modules = [("this", "recipe.data")] + ([("baseline", args.data_baseline)] if args.data_baseline else [])
     cores = len(os.sched_getaffinity(0))
+    if args.throughput_only:
+        files, _ = make_corpus(work / f"corpus-{10 * args.copies}", 10 * args.copies, cache_dir)
+        return throughput(files, tokenizer, work / "throughput", env)
     lines = [
         f"Data preparation, {args.copies} and {10 * args.copies} copies of the Shakespeare corpus as ~3 KB "
-        f"documents in {SHARDS} jsonl shards, vocab {args.vocab_size}, {cores} cores; peak PSS summed over the "
+        f"documents in {SHARDS} jsonl shards, vocab {args.vocab_size}, {cores} cores, preprocessing_num_workers {cores} at both sizes; peak PSS summed over the "
         "process tree (anon: not file-backed), per token of the difference between the two sizes.",
         "",
         "| code | tokens (small / large) | prepare s (large) | tokens/s | peak PSS (small / large) | "
         "PSS growth B/token | anon growth B/token | cache B/token beyond the text | "
-        "training start growth B/token (PSS / anon) |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+        "training start growth B/token (PSS / anon) |"
+        + (f" memory cap: small's smallest, then large under it + {args.cap_bytes_per_token:g} B/token |" if args.memory_cap else ""),
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if args.memory_cap else ""),
+    ]  # fmt: skip
     for name, module in modules:
         rows = []
         for copies in (args.copies, 10 * args.copies):
@@ -210,12 +337,27 @@ def bench_data(args: argparse.Namespace) -> list[str]:
             print(f"{name} x{copies}: {json.dumps(rows[-1])}", file=sys.stderr)
         small, large = rows
         per = {k: growth(small, large, k) for k in ("pss", "anon", "start_pss", "start_anon")}
+        cap = ""
+        if args.memory_cap:
+            small_files, _ = make_corpus(work / f"corpus-{args.copies}", args.copies, cache_dir)
+            need = smallest_cap(
+                module, small_files, tokenizer, work / f"capped-{name}", env, 2 * small["pss"]
+            )
+            if need is None:
+                cap = " n/a (no memory cgroup here) |"
+            else:
+                limit = int(need + args.cap_bytes_per_token * (large["tokens"] - small["tokens"]))
+                verdict = under_cap(module, files, tokenizer, work / f"capped-{name}", env, limit)
+                cap = f" small needs {need / 2**20:.0f} MiB; large under {limit / 2**20:.0f} MiB: {verdict} |"
+            print(f"{name}:{cap}", file=sys.stderr)
         lines.append(
             f"| {name} (`{module}`) | {small['tokens'] / 1e6:.1f}M / {large['tokens'] / 1e6:.1f}M | "
             f"{large['seconds']:.0f} | {large['tokens'] / large['seconds'] / 1e3:.0f}k | "
             f"{small['pss'] / 2**30:.2f} / {large['pss'] / 2**30:.2f} GiB | {per['pss']:.1f} | {per['anon']:.1f} | "
-            f"{large['cache'] / large['tokens']:.2f} | {per['start_pss']:.1f} / {per['start_anon']:.1f} |"
+            f"{large['cache'] / large['tokens']:.2f} | {per['start_pss']:.1f} / {per['start_anon']:.1f} |{cap}"
         )
+    if args.throughput:
+        lines += throughput(files, tokenizer, work / "throughput", env)
     return lines
 
 
@@ -232,6 +374,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="another module with prepare_data to compare (e.g. an old data.py)",
     )
     parser.add_argument("--path", action="append", default=[], help="a folder to add to PYTHONPATH")
+    parser.add_argument("--memory-cap", action="store_true", help="also prepare the large corpus under a memory cgroup")  # fmt: skip
+    parser.add_argument("--cap-bytes-per-token", type=float, default=4.0)
+    parser.add_argument("--throughput", action="store_true", help="also time one tokenizer process vs all cores")  # fmt: skip
+    parser.add_argument("--throughput-only", action="store_true", help="only that (no memory table)")
     return parser.parse_args(argv)
 
 
