@@ -82,14 +82,23 @@ def _pss(pid: int) -> tuple[int, int]:
     return kb("Pss"), kb("Pss_Anon")
 
 
+class RunFailed(RuntimeError):
+    def __init__(self, how: str, stderr: str):
+        super().__init__(f"benchmark process failed ({how}):\n{stderr[-3000:]}")
+        self.how = how
+
+
 def memory_cgroup(limit: int) -> Path | None:
-    """A new memory cgroup limited to `limit` bytes (cgroup v2 or v1), or None where none can be made."""
+    """A new memory cgroup limited to `limit` bytes with no swap (cgroup v2 or v1), or None where none can
+    be made (not Linux, not root, or no memory controller delegated here)."""
     name = f"recipe-bench-{os.getpid()}-{time.monotonic_ns()}"
-    v2 = Path("/sys/fs/cgroup/cgroup.controllers")
-    if v2.is_file() and "memory" in v2.read_text().split():
-        folder, knob = Path("/sys/fs/cgroup") / name, "memory.max"
-    elif Path("/sys/fs/cgroup/memory/memory.limit_in_bytes").is_file():
-        folder, knob = Path("/sys/fs/cgroup/memory") / name, "memory.limit_in_bytes"
+    v2, v1 = Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/memory")
+    if (v2 / "cgroup.subtree_control").is_file():
+        if "memory" not in (v2 / "cgroup.subtree_control").read_text().split():
+            return None
+        folder, knob, no_swap = v2 / name, "memory.max", "memory.swap.max"
+    elif (v1 / "memory.limit_in_bytes").is_file():
+        folder, knob, no_swap = v1 / name, "memory.limit_in_bytes", "memory.swappiness"
     else:
         return None
     try:
@@ -98,26 +107,24 @@ def memory_cgroup(limit: int) -> Path | None:
         return None
     try:
         (folder / knob).write_text(str(limit))
-        if (folder / "memory.swappiness").is_file():  # v1: reclaim file pages, never swap anonymous ones
-            (folder / "memory.swappiness").write_text("0")
+        if (folder / no_swap).is_file():  # anonymous memory over the limit: an OOM kill, not a slow pass
+            (folder / no_swap).write_text("0")
     except OSError:
         folder.rmdir()
         return None
     return folder
 
 
-def run_measured(code: str, args: list[str], env: dict, cgroup: Path | None = None) -> tuple[dict, int, int]:
+def run_measured(
+    code: str, args: list[str], env: dict, cgroup: Path | None = None, timeout: float | None = None
+) -> tuple[dict, int, int]:
     """Run `python -c code args` and return its RESULT json, peak PSS and peak anonymous PSS of its tree.
-    In `cgroup`, the process and everything it starts live under that cgroup's memory limit."""
-    join = (lambda: (cgroup / "cgroup.procs").write_text(str(os.getpid()))) if cgroup else None  # noqa: E731
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        preexec_fn=join,
-    )
+    In `cgroup`, the process and everything it starts live under that cgroup's memory limit (a shell joins
+    it, then becomes the Python process)."""
+    cmd = [sys.executable, "-c", code, *args]
+    if cgroup is not None:
+        cmd = ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(cgroup / "cgroup.procs"), *cmd]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     peak = [0, 0]
 
     def sample() -> None:
@@ -133,12 +140,25 @@ def run_measured(code: str, args: list[str], env: dict, cgroup: Path | None = No
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
-    out, err = proc.communicate()
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_tree(proc.pid)
+        proc.communicate()
+        raise RunFailed(f"over {timeout:.0f} s", "") from None
     thread.join()
     if proc.returncode != 0:
-        raise RuntimeError(f"benchmark process failed (exit {proc.returncode}):\n{err.decode()[-3000:]}")
+        raise RunFailed(f"exit {proc.returncode}", err.decode())
     line = next(x for x in out.decode().splitlines() if x.startswith("RESULT "))
     return json.loads(line[len("RESULT ") :]), peak[0], peak[1]
+
+
+def _kill_tree(pid: int) -> None:
+    with contextlib.suppress(psutil.Error):
+        root = psutil.Process(pid)
+        for p in [*root.children(recursive=True), root]:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
 
 
 def make_corpus(folder: Path, copies: int, cache_dir: str) -> tuple[list[str], int]:
@@ -232,27 +252,29 @@ def measure(module: str, train_files: list[str], tokenizer: str, work: Path, env
     }
 
 
-def under_cap(module: str, train_files: list[str], tokenizer: str, work: Path, env: dict, limit: int) -> str:
+def under_cap(
+    module: str, train_files: list[str], tokenizer: str, work: Path, env: dict, limit: int, timeout: float
+) -> str:
     """Prepare again, in a fresh cache, under a memory cgroup of `limit` bytes: 'finished' or why not."""
     cgroup = memory_cgroup(limit)
     if cgroup is None:
-        return "n/a (no memory cgroup can be made here: needs Linux and root)"
+        return "n/a (no memory cgroup can be made here: needs Linux, root and the memory controller)"
     stop = threading.Event()
     # A killed tokenizer worker leaves `datasets`' pool waiting for it forever: once the cgroup reports an
     # OOM kill, end the whole tree.
-    threading.Thread(target=_end_on_oom_kill, args=(cgroup, stop), daemon=True).start()
+    watchdog = threading.Thread(target=_end_on_oom_kill, args=(cgroup, stop), daemon=True)
+    watchdog.start()
     try:
         args = prepare_args(train_files, tokenizer, work / "cache") + fixed_workers()
-        run_measured(PREPARE.format(module=module), args, env, cgroup)
+        run_measured(PREPARE.format(module=module), args, env, cgroup, timeout)
         return "finished"
-    except RuntimeError as err:
-        return (
-            "killed (out of memory)"
-            if "Killed" in str(err) or "-9" in str(err)
-            else f"failed: {str(err)[-200:]}"
-        )
+    except RunFailed as err:
+        if err.how == "exit -9":
+            return "killed (out of memory)"
+        return f"too slow under the limit ({err.how})" if err.how.startswith("over") else f"failed: {str(err)[-200:]}"  # fmt: skip
     finally:
         stop.set()
+        watchdog.join()
         for _ in range(50):  # the cgroup can be removed once its processes are gone
             try:
                 cgroup.rmdir()
@@ -264,26 +286,29 @@ def under_cap(module: str, train_files: list[str], tokenizer: str, work: Path, e
 def _end_on_oom_kill(cgroup: Path, stop: threading.Event) -> None:
     events = cgroup / ("memory.events" if (cgroup / "memory.events").is_file() else "memory.oom_control")
     while not stop.wait(0.2):
-        fields = dict(line.split() for line in events.read_text().splitlines() if len(line.split()) == 2)
-        if int(fields.get("oom_kill", 0)) > 0:
-            for pid in (cgroup / "cgroup.procs").read_text().split():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(pid), signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            fields = dict(line.split() for line in events.read_text().splitlines() if len(line.split()) == 2)
+            if int(fields.get("oom_kill", 0)) > 0:
+                for pid in (cgroup / "cgroup.procs").read_text().split():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(pid), signal.SIGKILL)
 
 
-def smallest_cap(module: str, train_files: list[str], tokenizer: str, work: Path, env: dict, hi: int) -> int | None:  # fmt: skip
-    """The smallest memory limit (to 16 MiB) under which the preparation finishes, searched below `hi`."""
-    if not under_cap(module, train_files, tokenizer, work, env, hi).startswith("finished"):
-        return None
+def smallest_cap(
+    module: str, train_files: list[str], tokenizer: str, work: Path, env: dict, hi: int, timeout: float
+) -> tuple[int | None, str]:
+    """(the smallest memory limit, to 16 MiB, under which the preparation finishes, searched below `hi`;
+    or None and why not)."""
+    verdict = under_cap(module, train_files, tokenizer, work, env, hi, timeout)
+    if verdict != "finished":
+        return None, verdict if verdict.startswith("n/a") else f"{verdict} even under {hi / 2**20:.0f} MiB"
     lo = 0
     while hi - lo > 16 * 2**20:
         mid = (lo + hi) // 2
-        verdict = under_cap(module, train_files, tokenizer, work, env, mid)
+        verdict = under_cap(module, train_files, tokenizer, work, env, mid, timeout)
         print(f"  {module} under {mid / 2**20:.0f} MiB: {verdict}", file=sys.stderr)
-        if verdict.startswith("n/a"):
-            return None
         lo, hi = (lo, mid) if verdict == "finished" else (mid, hi)
-    return hi
+    return hi, ""
 
 
 def throughput(train_files: list[str], tokenizer: str, work: Path, env: dict) -> list[str]:
@@ -340,14 +365,13 @@ def bench_data(args: argparse.Namespace) -> list[str]:
         cap = ""
         if args.memory_cap:
             small_files, _ = make_corpus(work / f"corpus-{args.copies}", args.copies, cache_dir)
-            need = smallest_cap(
-                module, small_files, tokenizer, work / f"capped-{name}", env, 2 * small["pss"]
-            )
+            timeout = 5 * large["seconds"] + 60  # a run this much slower than unlimited is thrashing
+            need, why = smallest_cap(module, small_files, tokenizer, work / f"capped-{name}", env, 2 * small["pss"], timeout)  # fmt: skip
             if need is None:
-                cap = " n/a (no memory cgroup here) |"
+                cap = f" {why} |"
             else:
                 limit = int(need + args.cap_bytes_per_token * (large["tokens"] - small["tokens"]))
-                verdict = under_cap(module, files, tokenizer, work / f"capped-{name}", env, limit)
+                verdict = under_cap(module, files, tokenizer, work / f"capped-{name}", env, limit, timeout)
                 cap = f" small needs {need / 2**20:.0f} MiB; large under {limit / 2**20:.0f} MiB: {verdict} |"
             print(f"{name}:{cap}", file=sys.stderr)
         lines.append(

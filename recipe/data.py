@@ -110,7 +110,9 @@ def prepare_data(
         if isinstance(splits["train"], IterableDataset):
             # No datasets shuffle: its buffer reads ahead, and what it holds is lost on a resume.
             docs = split_dataset_by_node(splits["train"], rank=rank, world_size=world_size)
-            train = PackedStream(docs, tokenizer, cfg.block_size, cfg.seed)
+            train = PackedStream(
+                docs, tokenizer, cfg.block_size, cfg.seed, _stream_identity(cfg, splits["train"])
+            )
             train_summary = SplitSummary(0, 0, 0, 0, 0)
         else:
             train, train_summary = _blocks(splits["train"], tokenizer, cfg, "train", _key(cfg, "train"))
@@ -121,6 +123,17 @@ def prepare_data(
 
 
 # --- loading documents: every source ends as splits with one "text" column -------------------------------
+
+
+def _stream_identity(cfg: RunConfig, stream: IterableDataset) -> str:
+    """What a saved stream position is a position in: the source, its files (names and sizes) and shard
+    count. A resume into anything else is refused (`datasets` would place the position in other data)."""
+    files = (
+        [(str(p), p.stat().st_size) for p in _expand("train_files", cfg.train_files)]
+        if cfg.train_files
+        else []
+    )
+    return Hasher.hash([cfg.dataset_name, cfg.dataset_config_name, cfg.text_column, files, stream.num_shards])
 
 
 def _key(cfg: RunConfig, split: str) -> str:
@@ -161,7 +174,9 @@ def _load_documents(cfg: RunConfig) -> tuple[dict, str, str]:
         corpus_id = Hasher.hash([cfg.dataset_name, cfg.dataset_config_name, cfg.train_files, cfg.text_column])
     if "validation" not in splits:
         splits["train"], splits["validation"] = _hold_out(train, cfg)
-        corpus_id = Hasher.hash([corpus_id, cfg.validation_split_percentage, cfg.seed])
+        corpus_id = Hasher.hash(
+            [corpus_id, cfg.validation_split_percentage, cfg.seed, "held-out copies dropped"]
+        )
         how = "by a hash of each text" if isinstance(train, IterableDataset) else f"seed {cfg.seed}"
         if isinstance(train, Dataset):
             copies = len(train) - len(splits["train"]) - len(splits["validation"])
@@ -199,12 +214,15 @@ def _hold_out(train: Dataset | IterableDataset, cfg: RunConfig) -> tuple[Dataset
     split = train.train_test_split(test_size=held, seed=cfg.seed, shuffle=True)
     # As in a stream, a copy of a held-out text (boilerplate pages, mirrors) leaves training too.
     held_hashes = frozenset(_text_hash(t, cfg.seed) for t in _texts(split["test"]))
-    kept = split["train"].filter(
+    kept = split["train"].filter(  # fingerprinted by the held-out split, not by pickling the set
         _not_held_out_batch,
         batched=True,
         input_columns="text",
         fn_kwargs={"held": held_hashes, "seed": cfg.seed},
         num_proc=_num_proc(cfg, split["train"]),
+        new_fingerprint=Hasher.hash(
+            [split["train"]._fingerprint, split["test"]._fingerprint, cfg.seed, "drop held"]
+        ),
         desc="Dropping copies of held-out texts",
     )
     return kept, split["test"]
@@ -591,8 +609,16 @@ class PackedStream(TorchIterableDataset):
     was read in this epoch (documents, bytes, tokens, blocks): `StreamLoader.consumed()`.
     """
 
-    def __init__(self, docs: IterableDataset, tokenizer: PreTrainedTokenizerBase, block_size: int, seed: int):
+    def __init__(
+        self,
+        docs: IterableDataset,
+        tokenizer: PreTrainedTokenizerBase,
+        block_size: int,
+        seed: int,
+        identity: str = "",
+    ):
         self.docs = docs  # "text" rows, already split across processes; split across workers when iterated
+        self.identity = identity  # of the source (`_stream_identity`): a saved position is checked against it
         self.tokenizer = tokenizer
         self.block_size = block_size
         self.seed = seed
@@ -672,7 +698,7 @@ class StreamLoader(StatefulDataLoader):
         self.dataset.set_epoch(epoch)
 
     def state_dict(self) -> dict:
-        layout = {"num_workers": self.num_workers, "n_shards": self.dataset.docs.n_shards}
+        layout = {"num_workers": self.num_workers, "stream": self.dataset.identity}
         return {"epoch": self.epoch, "loader": super().state_dict(), **layout}
 
     def load_state_dict(self, state: dict) -> None:
@@ -684,11 +710,11 @@ class StreamLoader(StatefulDataLoader):
                 f"{state['num_workers']} (one position per worker), this run has {self.num_workers}; resume "
                 f"with --dataloader_num_workers {state['num_workers']}"
             )
-        if state.get("n_shards", self.dataset.docs.n_shards) != self.dataset.docs.n_shards:
+        if state.get("stream", self.dataset.identity) != self.dataset.identity:
             raise ConfigError(
-                f"resume_from_checkpoint: this process read {state['n_shards']} stream shards when the "
-                f"checkpoint was saved and has {self.dataset.docs.n_shards} now: the data files (or the "
-                "process count) changed since; resume with the same files"
+                "resume_from_checkpoint: the checkpoint's stream position is in other data: the data source, "
+                "its files (names, sizes, count) or its shards changed since it was saved; resume with the "
+                "same data"
             )
         self.set_epoch(state["epoch"])
         super().load_state_dict(state["loader"])
