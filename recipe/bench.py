@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> str:
         "loop": lambda: bench_loop(cfg, args.config, vocab, args),
         "tokenization": lambda: bench_tokenization(args.config),
         "data": lambda: bench_data(
-            bench_data_args([])
+            bench_data_args(["--throughput"])
         ),  # preparation at two corpus sizes (recipe/bench_data.py)
     }
     started = time.perf_counter()
