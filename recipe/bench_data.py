@@ -269,7 +269,8 @@ def under_cap(
         run_measured(PREPARE.format(module=module), args, env, cgroup, timeout)
         return "finished"
     except RunFailed as err:
-        if err.how == "exit -9":
+        # Told by the cgroup, not the exit code: `datasets` may notice a killed worker first and exit 1.
+        if _oom_kills(cgroup) > 0:
             return "killed (out of memory)"
         return f"too slow under the limit ({err.how})" if err.how.startswith("over") else f"failed: {str(err)[-200:]}"  # fmt: skip
     finally:
@@ -283,12 +284,18 @@ def under_cap(
                 time.sleep(0.1)
 
 
-def _end_on_oom_kill(cgroup: Path, stop: threading.Event) -> None:
+def _oom_kills(cgroup: Path) -> int:
     events = cgroup / ("memory.events" if (cgroup / "memory.events").is_file() else "memory.oom_control")
+    with contextlib.suppress(OSError):
+        fields = dict(line.split() for line in events.read_text().splitlines() if len(line.split()) == 2)
+        return int(fields.get("oom_kill", 0))
+    return 0
+
+
+def _end_on_oom_kill(cgroup: Path, stop: threading.Event) -> None:
     while not stop.wait(0.2):
-        with contextlib.suppress(OSError):
-            fields = dict(line.split() for line in events.read_text().splitlines() if len(line.split()) == 2)
-            if int(fields.get("oom_kill", 0)) > 0:
+        if _oom_kills(cgroup) > 0:
+            with contextlib.suppress(OSError):
                 for pid in (cgroup / "cgroup.procs").read_text().split():
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(int(pid), signal.SIGKILL)
@@ -365,13 +372,14 @@ def bench_data(args: argparse.Namespace) -> list[str]:
         cap = ""
         if args.memory_cap:
             small_files, _ = make_corpus(work / f"corpus-{args.copies}", args.copies, cache_dir)
-            timeout = 5 * large["seconds"] + 60  # a run this much slower than unlimited is thrashing
-            need, why = smallest_cap(module, small_files, tokenizer, work / f"capped-{name}", env, 2 * small["pss"], timeout)  # fmt: skip
+            # a run this much slower than without a limit is thrashing, not finishing
+            slow_small, slow_large = 5 * small["seconds"] + 60, 5 * large["seconds"] + 60
+            need, why = smallest_cap(module, small_files, tokenizer, work / f"capped-{name}", env, 2 * small["pss"], slow_small)  # fmt: skip
             if need is None:
                 cap = f" {why} |"
             else:
                 limit = int(need + args.cap_bytes_per_token * (large["tokens"] - small["tokens"]))
-                verdict = under_cap(module, files, tokenizer, work / f"capped-{name}", env, limit, timeout)
+                verdict = under_cap(module, files, tokenizer, work / f"capped-{name}", env, limit, slow_large)
                 cap = f" small needs {need / 2**20:.0f} MiB; large under {limit / 2**20:.0f} MiB: {verdict} |"
             print(f"{name}:{cap}", file=sys.stderr)
         lines.append(

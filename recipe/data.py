@@ -220,8 +220,12 @@ def _hold_out(train: Dataset | IterableDataset, cfg: RunConfig) -> tuple[Dataset
         input_columns="text",
         fn_kwargs={"held": held_hashes, "seed": cfg.seed},
         num_proc=_num_proc(cfg, split["train"]),
-        new_fingerprint=Hasher.hash(
-            [split["train"]._fingerprint, split["test"]._fingerprint, cfg.seed, "drop held"]
+        new_fingerprint=_step(
+            split["train"],
+            _not_held_out_batch,
+            split["test"]._fingerprint,
+            inspect.getsource(_text_hash),
+            cfg.seed,
         ),
         desc="Dropping copies of held-out texts",
     )
