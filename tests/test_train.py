@@ -254,14 +254,25 @@ def test_generate_cli_samples_and_rejects_bad_arguments(full_run):
         timeout=300,
     )
     assert proc.returncode == 0 and proc.stdout.count("--- sample") == 2, proc.stderr[-2000:]
-    for bad, message in [
+    bad_model = ["--model", str(full_run / "checkpoint-10" / "..") + "/nope"]
+    proc = subprocess.run(gen + bad_model, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "cannot load" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
         (["--temperature", "-1"], "--temperature must be >= 0"),
         (["--top_p", "1.5"], "--top_p must be in (0, 1]"),
-        (["--model", str(full_run / "checkpoint-10" / "..") + "/nope"], "cannot load"),
-    ]:
-        proc = subprocess.run(gen + bad, env=ENV, capture_output=True, text=True, timeout=300)
-        assert proc.returncode != 0 and message in proc.stderr, (bad, proc.stderr[-2000:])
-        assert "Traceback" not in proc.stderr
+    ],
+)
+def test_generate_rejects_bad_sampling_arguments(bad, message, capsys):
+    from recipe import generate
+
+    with pytest.raises(SystemExit) as exit_info:  # argparse's error: usage and one line, exit status 2
+        generate.main(["--model", "some/model", *bad])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_non_finite_loss_stops_the_run_and_names_the_step(tmp_path):
