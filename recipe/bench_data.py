@@ -33,6 +33,7 @@ from pathlib import Path
 
 import psutil
 
+from recipe.config import available_cores
 from recipe.data import MIN_BYTES_PER_WORKER
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -232,7 +233,7 @@ def prepare_args(train_files: list[str], tokenizer: str, cache: Path) -> list[st
 def fixed_workers() -> list[str]:
     """The memory table prepares both sizes with one worker per core: left unset, the small corpus would get
     fewer (one per 4 MB of text), and each worker's own interpreter would read as growth per token."""
-    return ["--preprocessing_num_workers", str(len(os.sched_getaffinity(0)))]
+    return ["--preprocessing_num_workers", str(available_cores())]
 
 
 def measure(module: str, train_files: list[str], tokenizer: str, work: Path, env: dict) -> dict:
@@ -320,7 +321,7 @@ def smallest_cap(
 
 def throughput(train_files: list[str], tokenizer: str, work: Path, env: dict) -> list[str]:
     """Preparation speed of `recipe.data` with one tokenizer process and with every core (the default)."""
-    cores = len(os.sched_getaffinity(0))
+    cores = available_cores()
     lines = ["", f"Preparing the large corpus, fresh cache each time, {cores} cores:", "",
              "| preprocessing_num_workers | tokens | prepare s | tokens/s |", "|---|---|---|---|"]  # fmt: skip
     for workers in ("1", None):
@@ -346,7 +347,7 @@ def bench_data(args: argparse.Namespace) -> list[str]:
     tokenizer = fixed_tokenizer(work / "tokenizer", cache_dir, args.vocab_size)
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), *args.path])}
     modules = [("this", "recipe.data")] + ([("baseline", args.data_baseline)] if args.data_baseline else [])
-    cores = len(os.sched_getaffinity(0))
+    cores = available_cores()
     if args.throughput_only:
         files, _ = make_corpus(work / f"corpus-{10 * args.copies}", 10 * args.copies, cache_dir)
         return throughput(files, tokenizer, work / "throughput", env)

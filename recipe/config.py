@@ -8,6 +8,7 @@ naming the key.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass
@@ -364,3 +365,8 @@ def config_help() -> str:
         kind = str(_FIELD_TYPES[f.name]).replace("typing.", "").replace("<class '", "").replace("'>", "")
         lines.append(f"  --{f.name:<30} {kind:<18} default: {f.default!r}")
     return "\n".join(lines)
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

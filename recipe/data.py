@@ -52,7 +52,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerBase
 
 from recipe import corpus
-from recipe.config import ConfigError, RunConfig, load_config
+from recipe.config import ConfigError, RunConfig, available_cores, load_config
 from recipe.tokenizer import get_tokenizer, tokenizer_fingerprint
 
 BUILDERS = {
@@ -514,7 +514,7 @@ def _num_proc(cfg: RunConfig, docs: Dataset) -> int | None:
     MIN_BYTES_PER_WORKER of text each."""
     if cfg.preprocessing_num_workers is not None:
         return cfg.preprocessing_num_workers if cfg.preprocessing_num_workers > 1 else None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = available_cores()
     # `docs.data` is the whole table under a selection (a held-out split is a few rows of it): scale to rows
     text_bytes = docs.data.nbytes * len(docs) // max(docs.data.num_rows, 1)
     workers = min(cores, len(docs), text_bytes // MIN_BYTES_PER_WORKER)

@@ -149,18 +149,17 @@ def build_optimizers(model: torch.nn.Module, cfg: RunConfig, device_type: str) -
     return [adamw, muon]
 
 
-def make_schedule(optimizer: torch.optim.Optimizer, cfg: RunConfig, num_processes: int = 1):
+def make_schedule(optimizer: torch.optim.Optimizer, cfg: RunConfig):
     """Linear warmup, then cosine down to `min_lr_ratio` of the peak (0: down to zero).
 
-    train.py steps it once per optimizer step (Accelerator(step_scheduler_with_optimizer=False)), so
-    num_processes stays 1 there; a scheduler stepped by accelerate with the optimizer would step once per
-    process per step and needs the horizon scaled by num_processes (HF_NOTES section 9)."""
-    warmup, total = cfg.warmup_steps * num_processes, cfg.max_steps * num_processes
+    Stepped once per optimizer step (train.py's Accelerator(step_scheduler_with_optimizer=False)), so its
+    horizon is max_steps at any process count; a scheduler stepped by accelerate with the optimizer would
+    step once per process per step (HF_NOTES section 9)."""
     if cfg.min_lr_ratio > 0:
         return get_cosine_with_min_lr_schedule_with_warmup(
-            optimizer, warmup, total, min_lr_rate=cfg.min_lr_ratio
+            optimizer, cfg.warmup_steps, cfg.max_steps, min_lr_rate=cfg.min_lr_ratio
         )
-    return get_cosine_schedule_with_warmup(optimizer, warmup, total)
+    return get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps)
 
 
 def schedule_curve(cfg: RunConfig) -> tuple[list[int], list[float]]:

@@ -54,7 +54,7 @@ from recipe.checkpoint import (
     save_model_folder,
     skip_weights_in_save_state,
 )
-from recipe.config import ConfigError, RunConfig, gpt_config, load_config
+from recipe.config import ConfigError, RunConfig, available_cores, gpt_config, load_config
 from recipe.hub import HubPusher, download_last_checkpoint
 from recipe.metrics import JsonlLog, bits_per_byte, flops_per_token, perplexity, results_table, run_peak_flops
 from recipe.model_card import write_model_card
@@ -133,8 +133,7 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
 
 
 def default_threads() -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, available_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def show_progress_messages(is_main: bool) -> None:
