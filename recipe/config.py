@@ -26,6 +26,7 @@ class ConfigError(ValueError):
 class RunConfig:
     # --- model (a fresh GPT unless model_name_or_path is given) ---
     model_name_or_path: str | None = None
+    trust_remote_code: bool = False  # run a model_name_or_path folder's own modeling code (ours needs none)
     vocab_size: int = 4096  # size of the trained BPE; ignored with tokenizer_name (the tokenizer decides)
     hidden_size: int = 256
     num_hidden_layers: int = 4
@@ -99,7 +100,7 @@ class RunConfig:
     push_to_hub: bool = False
     hub_model_id: str | None = None  # None: <your user>/<output_dir's name>
     hub_strategy: str = "every_save"  # end, every_save, checkpoint (adds last-checkpoint/) or all_checkpoints
-    hub_private_repo: bool = False
+    hub_private_repo: bool | None = None  # None: the namespace's default visibility
     hub_token: str | None = None  # None: the login of `hf auth login` / HF_TOKEN
     hub_upload_timeout: float = 3600.0  # seconds to wait for pending uploads at the end or at a stop
     sample_prompt: str = "\n"
@@ -274,8 +275,8 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
         arg = argv[i]
         if not arg.startswith("--") or len(arg) == 2:
             raise ConfigError(f"expected --key value, got {arg!r}")
-        key = arg[2:].replace("-", "_")
-        if "=" in key:
+        key = arg[2:]
+        if "=" in key:  # `--key=value`: dashes become underscores in the key only, never in the value
             key, value = key.split("=", 1)
             i += 1
         elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
@@ -284,7 +285,7 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
         else:
             value = "true"
             i += 1
-        values[key] = value
+        values[key.replace("-", "_")] = value
     return values
 
 

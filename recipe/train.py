@@ -159,7 +159,9 @@ def build_model(cfg: RunConfig, tokenizer) -> GPTForCausalLM:
         model = GPTForCausalLM(gpt_config(cfg, tokenizer))
     else:
         model = AutoModelForCausalLM.from_pretrained(
-            cfg.model_name_or_path, trust_remote_code=True, attn_implementation=cfg.attn_implementation
+            cfg.model_name_or_path,
+            trust_remote_code=cfg.trust_remote_code,  # our own folders need none: `import recipe` registers them
+            attn_implementation=cfg.attn_implementation,
         )
         if model.config.vocab_size < len(tokenizer):
             raise ConfigError(
@@ -447,9 +449,11 @@ def stop_run(accelerator: Accelerator, hub: HubPusher | None, code: int, message
 
 def resume_hint(argv: list[str] | None, num_processes: int) -> str:
     args = list(sys.argv if argv is None else ["recipe/train.py", *argv])
-    for i, arg in enumerate(args[:-1]):
-        if arg in ("--hub_token", "--hub-token"):
-            args[i + 1] = "<your token>"  # never printed
+    for i, arg in enumerate(args):  # the token is never printed, in either argument form
+        if arg in ("--hub_token", "--hub-token") and i + 1 < len(args):
+            args[i + 1] = "<your token>"
+        elif arg.startswith(("--hub_token=", "--hub-token=")):
+            args[i] = arg.split("=", 1)[0] + "=<your token>"
     command = " ".join(a for a in args if a)
     launcher = "accelerate launch <the same launch options> " if num_processes > 1 else "python "
     return f"{launcher}{command} --resume_from_checkpoint latest"

@@ -83,3 +83,57 @@ def test_help_lists_every_key(capsys):
     out = capsys.readouterr().out
     for key in ("learning_rate", "per_device_train_batch_size", "resume_from_checkpoint", "train_files"):
         assert f"--{key} " in out
+
+
+def test_equals_form_keeps_dashes_in_the_value():
+    from recipe.config import parse_overrides
+
+    values = parse_overrides(["--hub-model-id=my-org/my-run", "--output_dir", "/tmp/a-b", "--run-name=x-y"])
+    assert values == {"hub_model_id": "my-org/my-run", "output_dir": "/tmp/a-b", "run_name": "x-y"}
+
+
+def test_no_token_in_the_resume_hint_in_any_argument_form():
+    from recipe.train import resume_hint
+
+    hint = resume_hint(
+        ["--hub_token=hf_one", "--hub-token", "hf_two", "--hub-token=hf_three", "--max_steps", "5"], 1
+    )
+    assert "hf_" not in hint.replace("--hub_token", "").replace("--hub-token", "")
+    assert hint.count("<your token>") == 3 and "--max_steps 5" in hint
+
+
+def test_remote_code_runs_only_when_asked(monkeypatch, tiny_gpt, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    import recipe.train as train
+
+    # Our own folder loads without remote code: `import recipe` registers the model.
+    tiny_gpt().save_pretrained(tmp_path)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=False).config.model_type
+    seen = []
+    real = train.AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(
+        train.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: seen.append(k) or real(*a, **k)
+    )
+    tok = type("Tok", (), {"__len__": lambda self: 97})()
+    for argv in ([], ["--trust_remote_code", "true"]):
+        train.build_model(load_config(["--model_name_or_path", str(tmp_path), *argv]), tok)
+    assert [k["trust_remote_code"] for k in seen] == [False, True]
+
+
+def test_an_unset_hub_private_repo_keeps_the_namespace_default(monkeypatch):
+    import recipe.hub as hub
+
+    calls = []
+
+    class Api:
+        def whoami(self):
+            return {"name": "tester"}
+
+        def create_repo(self, repo_id, **kwargs):
+            calls.append(kwargs)
+
+    monkeypatch.setattr(hub, "make_api", lambda token=None: Api())
+    for argv in ([], ["--hub_private_repo", "true"], ["--hub_private_repo", "false"]):
+        hub.HubPusher.from_config(load_config(["--output_dir", "/tmp/x", *argv]), log=lambda m: None)
+    assert [c["private"] for c in calls] == [None, True, False]
