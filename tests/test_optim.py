@@ -238,3 +238,23 @@ def test_muon_under_ddp_equals_one_process_on_the_whole_batch(tmp_path):
         torch.testing.assert_close(ranks[0][name], ranks[1][name], rtol=0, atol=0, msg=name)  # in step
         torch.testing.assert_close(ranks[0][name], value, rtol=1e-4, atol=1e-5, msg=name)  # and right
         assert not torch.equal(value, initial[name]), name
+
+
+def test_batched_muon_equals_the_per_matrix_update():
+    """Same-shape matrices stacked into one batched iteration: the same update as one matrix at a time."""
+    shapes = [(24, 16), (16, 40), (24, 16), (16, 16), (16, 40), (24, 16)]
+    weights = [torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(shapes)]
+    kwargs = dict(lr=0.02, weight_decay=0.1, momentum=0.9, adjust_lr_fn="match_rms_adamw")
+    old_w = [torch.nn.Parameter(w.clone()) for w in weights]
+    new_w = [torch.nn.Parameter(w.clone()) for w in weights]
+    old, new = Muon(old_w, batched=False, **kwargs), Muon(new_w, batched=True, **kwargs)
+    for step in range(4):
+        for i, (v, w) in enumerate(zip(old_w, new_w)):
+            g = torch.randn(v.shape, generator=torch.Generator().manual_seed(100 * step + i))
+            v.grad, w.grad = g.clone(), g.clone()
+        old.step()
+        new.step()
+    for v, w in zip(old_w, new_w):
+        torch.testing.assert_close(w, v, rtol=0, atol=1e-6)
+    for a, b in zip(old.state_dict()["state"].values(), new.state_dict()["state"].values()):
+        torch.testing.assert_close(b["momentum_buffer"], a["momentum_buffer"], rtol=0, atol=1e-6)
