@@ -29,6 +29,9 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_gpt import GPTConfig
 
+# Attention functions that apply causality themselves when given no mask (`is_causal=True` on the module).
+_IS_CAUSAL_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3")
+
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     """Plain attention, used for `attn_implementation="eager"`. q: (B, nh, T, hs), k/v: (B, nh, S, hs)."""
@@ -278,6 +281,7 @@ class GPTModel(GPTPreTrainedModel):
             use_cache = self.config.use_cache and not self.training
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
+        positions_given = position_ids is not None  # may mark packed documents: create_causal_mask reads them
         if position_ids is None:
             start = cache.get_seq_length() if cache is not None else 0  # tokens already in the cache
             end = start + inputs_embeds.shape[1]
@@ -288,14 +292,24 @@ class GPTModel(GPTPreTrainedModel):
                 )
             position_ids = torch.arange(start, end, device=inputs_embeds.device).unsqueeze(0)  # (1, T)
 
-        # None when there is no padding (sdpa then uses is_causal); else a bool (sdpa) or additive (eager) mask.
-        causal_mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            cache=cache,
-            position_ids=position_ids,
-        )
+        if (
+            attention_mask is None
+            and cache is None
+            and not positions_given
+            and self.config._attn_implementation in _IS_CAUSAL_ATTENTION
+        ):
+            # Training / eval forward without padding, positions or cache: no mask, so sdpa and flash attention
+            # run with is_causal=True. create_causal_mask would build a (B, 1, T, T) mask while tracing.
+            causal_mask = None
+        else:
+            # None when there is no padding (sdpa then uses is_causal); else a bool (sdpa) or additive (eager) mask.
+            causal_mask = create_causal_mask(
+                config=self.config,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                cache=cache,
+                position_ids=position_ids,
+            )
 
         if self.config.architecture == "gpt2":
             hidden_states = inputs_embeds + self.wpe(position_ids)

@@ -461,3 +461,34 @@ def test_dropout_only_in_training(make):
     model.transformer.h[0].mlp.dropout.p = 0.3
     torch.manual_seed(0)
     assert not torch.allclose(a, model(x).logits)  # the MLP's dropout is applied (both architectures)
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "modern"])
+def test_unpadded_compiled_forward_reaches_sdpa_with_no_mask(architecture):
+    """Issue 18.1: no attention_mask, no cache -> every SDPA node has no mask and is_causal=True."""
+
+    torch._dynamo.reset()
+    config = GPTConfig(
+        architecture=architecture, vocab_size=64, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=64, max_position_embeddings=32,
+    )  # fmt: skip
+    config._attn_implementation = "sdpa"
+    model = GPTForCausalLM(config).train()
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm.graph)
+        return gm.forward
+
+    ids = torch.randint(0, 64, (2, 16))
+    compiled = torch.compile(model, backend=backend)
+    loss = compiled(input_ids=ids, labels=ids, use_cache=False).loss
+    eager = model(input_ids=ids, labels=ids, use_cache=False).loss
+    torch.testing.assert_close(loss, eager)
+    nodes = [
+        n for g in graphs for n in g.nodes if n.target is torch.nn.functional.scaled_dot_product_attention
+    ]
+    assert len(nodes) == 2
+    for n in nodes:
+        assert n.kwargs.get("attn_mask") is None and (len(n.args) < 4 or n.args[3] is None)
+        assert n.kwargs.get("is_causal") is True
