@@ -83,38 +83,18 @@ def newton_schulz_batched(
     return (x.mT if transposed else x).to(grads.dtype)
 
 
-_compiled: dict[str, Any] = {}
-
-
-def _batched_ns(compile: bool):
-    """The batched iteration, compiled once (dynamic=False: one graph per shape) when `compile`."""
-    if not compile:
-        return newton_schulz_batched
-    if "fn" not in _compiled:
-        _compiled["fn"] = torch.compile(newton_schulz_batched, dynamic=False)
-    return _compiled["fn"]
-
-
 class Muon(torch.optim.Muon):
     """`torch.optim.Muon` (same hyperparameters, state and `state_dict`) with the Newton-Schulz iteration run
     in `ns_dtype`: fp32 on CPU, bf16 on GPUs. torch's `step` has no hook for the iteration, so it is redone
     here; the maths is torch's (Nesterov momentum, decoupled weight decay, `adjust_lr_fn` scaling).
 
     `batched` (default): the updates of same-shape matrices are stacked and orthogonalised by one batched
-    iteration per shape (`compile`: torch.compile'd); otherwise one matrix at a time. State per parameter
-    (`momentum_buffer`) either way."""
+    iteration per shape; otherwise one matrix at a time. State per parameter (`momentum_buffer`) either way."""
 
-    def __init__(
-        self,
-        params,
-        ns_dtype: torch.dtype = torch.float32,
-        batched: bool = True,
-        compile: bool = False,
-        **kwargs,
-    ):
+    def __init__(self, params, ns_dtype: torch.dtype = torch.float32, batched: bool = True, **kwargs):
         super().__init__(params, **kwargs)
         self.ns_dtype = ns_dtype  # not part of the state: a property of the machine, not of the run
-        self.batched, self.compile = batched, compile
+        self.batched = batched
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -153,9 +133,10 @@ class Muon(torch.optim.Muon):
         for i, u in enumerate(updates):
             by_shape.setdefault(tuple(u.shape), []).append(i)
         out: list[torch.Tensor] = [None] * len(updates)  # type: ignore[list-item]
-        ns = _batched_ns(self.compile)
         for indices in by_shape.values():
-            stacked = ns(torch.stack([updates[i] for i in indices]), steps, eps, self.ns_dtype)
+            stacked = newton_schulz_batched(
+                torch.stack([updates[i] for i in indices]), steps, eps, self.ns_dtype
+            )
             for i, o in zip(indices, stacked.unbind(0)):
                 out[i] = o
         return out
