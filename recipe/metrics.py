@@ -131,7 +131,12 @@ def results_table(results: dict[str, float], vocab_size: int) -> str:
             )
         )
     rows.append(("train loss (last steps)", f"{results['train_loss']:.4f}", ""))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return markdown_table(rows)
+
+
+def markdown_table(rows: list[tuple[str, ...]]) -> str:
+    """Rows of cells (the first one the header) as an aligned Markdown table."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)

@@ -7,6 +7,8 @@ from typing import Any
 
 import yaml
 
+from recipe import hellaswag
+
 DESCRIPTION = {
     "gpt2": "GPT-2 architecture: pre-LayerNorm, learned positions, GELU MLP, tied embeddings",
     "modern": "modern architecture: rotary positions, RMSNorm, QK-norm, SwiGLU MLP, no biases, untied embeddings",
@@ -72,6 +74,17 @@ def write_model_card(
         "",
         table,
         "",
+        *(
+            [
+                "Zero-shot HellaSwag (validation split), scored as lm-evaluation-harness scores it "
+                "(`python -m recipe.evaluate --model PATH` scores any folder the same way):",
+                "",
+                hellaswag.table(results),
+                "",
+            ]
+            if "eval_hellaswag_acc" in results
+            else []
+        ),
         f"Trained for {results['global_step']} optimizer steps on {results['train_tokens']:,} tokens "
         + (
             f"(streamed: {train.documents:,} documents, {train.bytes:,} bytes, {train.tokens:,} tokens read this epoch) "

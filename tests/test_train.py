@@ -81,10 +81,12 @@ FULL_RUN = ["--max_steps", "20", "--save_steps", "10", "--eval_steps", "10", "--
 
 
 @pytest.fixture(scope="module")
-def full_run(tmp_path_factory) -> Path:
-    """20 uninterrupted steps, keeping every checkpoint: the reference for resume, and the output checks."""
+def full_run(tmp_path_factory, hellaswag_file) -> Path:
+    """20 uninterrupted steps, keeping every checkpoint: the reference for resume, and the output checks.
+    HellaSwag (the tests' 12 items) on 5 of them at step 10, on all at the end."""
     out = tmp_path_factory.mktemp("full")
-    launch(out, *FULL_RUN, "--sample_max_new_tokens", "20")
+    hellaswag = ["--hellaswag", "true", "--hellaswag_steps", "10", "--hellaswag_items", "5", "--hellaswag_path", str(hellaswag_file)]  # fmt: skip
+    launch(out, *FULL_RUN, "--sample_max_new_tokens", "20", *hellaswag)
     return out
 
 
@@ -136,6 +138,29 @@ def test_output_folder_is_a_complete_hf_model(full_run):
     assert "bits per byte" in card and f"{results['eval_loss']:.4f}" in card
 
 
+def test_hellaswag_along_the_way_at_the_end_and_from_the_cli(full_run, hellaswag_file, capsys):
+    from recipe import evaluate
+
+    rows = [json.loads(line) for line in (full_run / "metrics.jsonl").read_text().splitlines()]
+    scores = [r for r in rows if "eval_hellaswag_acc" in r]
+    assert [(r["step"], r["eval_hellaswag_items"]) for r in scores] == [(10, 5), (20, 12)]
+    results = json.loads((full_run / "all_results.json").read_text())
+    assert {k: results[k] for k in scores[-1] if k != "step"} == {
+        k: v for k, v in scores[-1].items() if k != "step"
+    }
+    for card in [full_run / "README.md", full_run / "checkpoint-10" / "README.md"]:
+        text = card.read_text()
+        assert "HellaSwag" in text and "GPT-2 124M" in text and "0.3114" in text, card
+    # The CLI scores the saved folder as the run scored its live model.
+    cli = evaluate.main(["--model", str(full_run), "--hellaswag_path", str(hellaswag_file)])
+    assert cli == {k: results[k] for k in cli}
+    assert f"{results['eval_hellaswag_acc_norm']:.4f}" in capsys.readouterr().out
+    limited = evaluate.main(
+        ["--model", str(full_run), "--hellaswag_path", str(hellaswag_file), "--limit", "3"]
+    )
+    assert limited["eval_hellaswag_items"] == 3
+
+
 def test_output_loads_with_pipeline_where_recipe_cannot_be_imported(full_run, tmp_path):
     script = (
         "import sys; sys.modules['recipe'] = None\n"  # any `import recipe` now fails
@@ -166,8 +191,16 @@ def test_resume_from_mid_run_checkpoint_gives_the_same_weights(full_run, tmp_pat
     assert again["train_tokens"] == first["train_tokens"]
 
 
-def test_two_processes_equal_one_process_with_accumulation(tmp_path):
+def test_two_processes_equal_one_process_with_accumulation(tmp_path, hellaswag_file):
+    from recipe import evaluate
+
     common = [
+        "--hellaswag",
+        "true",
+        "--hellaswag_batch_size",
+        "5",  # 12 items: 3 batches, so one process scores a spare batch it drops
+        "--hellaswag_path",
+        str(hellaswag_file),
         "--max_steps",
         "6",
         "--per_device_train_batch_size",
@@ -184,6 +217,9 @@ def test_two_processes_equal_one_process_with_accumulation(tmp_path):
     one = json.loads((tmp_path / "one" / "all_results.json").read_text())
     assert two["eval_loss"] == pytest.approx(one["eval_loss"], abs=1e-4)
     assert two["train_tokens"] == one["train_tokens"]
+    # HellaSwag sharded over 2 processes is exactly the 1-process score of the same weights.
+    alone = evaluate.main(["--model", str(tmp_path / "two"), "--hellaswag_path", str(hellaswag_file), "--batch_size", "5"])  # fmt: skip
+    assert {k: two[k] for k in alone} == alone
 
 
 @pytest.mark.parametrize("processes", [1, 2])
