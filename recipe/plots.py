@@ -21,14 +21,22 @@ def plot_loss(rows: list[dict[str, Any]], path: str | Path, vocab_size: int | No
     """Loss against steps; with HellaSwag scores in `rows`, a second panel of acc_norm beside it."""
     plt = _pyplot()
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    evals = [r for r in rows if "eval_loss" in r]
     scores = [r for r in rows if "eval_hellaswag_acc_norm" in r]
     fig, axes = plt.subplots(1, 2 if scores else 1, figsize=(13 if scores else 7, 4.5), squeeze=False)
     ax = axes[0, 0]
     if train:
         ax.plot(*zip(*train), label="train")
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="validation")
+    # Along the way a fixed subset, at the end the whole split: two series, not one line with a kink.
+    subset = [r for r in evals if r.get("eval_whole") is False]
+    whole = [(r["step"], r["eval_loss"]) for r in evals if r.get("eval_whole") is not False]
+    if subset:
+        points = [(r["step"], r["eval_loss"]) for r in subset]
+        ax.plot(*zip(*points), "o-", label=f"validation, first {subset[0].get('eval_blocks', '?'):,} blocks")
+    if whole:
+        ax.plot(
+            *zip(*whole), "s" if subset else "o-", label="validation, whole split" if subset else "validation"
+        )
     if vocab_size:
         ax.axhline(math.log(vocab_size), color="grey", ls=":", label=f"random guess, ln {vocab_size}")
     ax.set(xlabel="optimizer step", ylabel="loss (nats per token)", title="Loss")

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import itertools
 import json
 import logging
-import math
 import os
 import shutil
 import signal
@@ -103,7 +103,8 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
         project_config=ProjectConfiguration(
             project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "runs")
         ),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # non_blocking: the prepared loader's host-to-GPU copies overlap compute (the batches are pinned).
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
         dynamo_plugin=TorchDynamoPlugin(backend="inductor") if cfg.torch_compile else None,
         # Data preparation runs on one process per node while the others wait at a barrier.
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.ddp_timeout))],
@@ -144,14 +145,20 @@ def show_progress_messages(is_main: bool) -> None:
     hf_logging.disable_progress_bar()
 
 
-def dataloaders(data: PreparedData, cfg: RunConfig, device: torch.device) -> tuple[DataLoader, DataLoader]:
+def dataloaders(data: PreparedData, cfg: RunConfig, device: torch.device) -> tuple[DataLoader, dict[str, DataLoader]]:  # fmt: skip
     """Training: full batches only (fixed shapes: no recompiles under torch.compile, equal work on every
-    process); a stream gets a stateful loader whose position is saved per process. Evaluation: every block."""
+    process); a stream gets a stateful loader whose position is saved per process. Evaluation: every block
+    at the end ("final"); along the way ("along") the first max_eval_batches x per_device_eval_batch_size
+    blocks, the same ones at any number of processes."""
     from recipe.data import train_dataloader
 
-    pin = device.type == "cuda"
-    eval_dl = DataLoader(data.validation, batch_size=cfg.per_device_eval_batch_size, pin_memory=pin)
-    return train_dataloader(data, cfg, pin_memory=pin), eval_dl
+    pin, batch = device.type == "cuda", cfg.per_device_eval_batch_size
+    evals = {"final": DataLoader(data.validation, batch_size=batch, pin_memory=pin)}
+    blocks = len(data.validation) if cfg.max_eval_batches is None else cfg.max_eval_batches * batch
+    if blocks < len(data.validation):
+        subset = torch.utils.data.Subset(data.validation, range(blocks))
+        evals["along"] = DataLoader(subset, batch_size=batch, pin_memory=pin)
+    return train_dataloader(data, cfg, pin_memory=pin), evals
 
 
 def build_model(cfg: RunConfig, tokenizer) -> GPTForCausalLM:
@@ -296,7 +303,12 @@ def micro_batches(dataloader, state: dict[str, Any], accum: int, accelerator: Ac
     while True:
         if hasattr(dataloader, "set_epoch"):
             dataloader.set_epoch(epoch)
-        loader = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
+        if not skip:
+            loader = dataloader
+        elif is_stream(dataloader):  # read past by the loader itself, so the position it saves next is true
+            loader = itertools.islice(dataloader, skip, None)
+        else:
+            loader = accelerator.skip_first_batches(dataloader, skip)
         for batch in loader:
             yield epoch, {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
         epoch, skip = epoch + 1, 0
@@ -331,16 +343,12 @@ def agree(stop: StopSignal, first_bad_step: torch.Tensor, accelerator: Accelerat
 
 
 @torch.no_grad()
-def evaluate(model, dataloader, accelerator: Accelerator, max_batches: int | None, bytes_per_token: float) -> dict[str, float]:  # fmt: skip
+def evaluate(model, dataloader, accelerator: Accelerator, bytes_per_token: float) -> dict[str, float]:
     """Token-weighted loss and next-token accuracy over all processes (gather_for_metrics drops the padding
-    duplicates). No KV cache: nothing is generated."""
+    duplicates), and how many blocks were scored. No KV cache: nothing is generated."""
     model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # nll, correct, count
-    # max_batches counts batches of all processes together, so the same blocks are scored at any scale.
-    limit = None if max_batches is None else math.ceil(max_batches / accelerator.num_processes)
-    for i, batch in enumerate(dataloader):
-        if limit is not None and i >= limit:
-            break
+    totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # nll, correct, count, blocks
+    for batch in dataloader:
         logits = model(input_ids=batch["input_ids"], use_cache=False).logits  # (B, T, V)
         labels = batch["shift_labels"]  # (B, T)
         nll = torch.nn.functional.cross_entropy(
@@ -348,16 +356,19 @@ def evaluate(model, dataloader, accelerator: Accelerator, max_batches: int | Non
         )
         mask = labels.ne(-100)
         correct = logits.argmax(-1).eq(labels) & mask
-        per_row = torch.stack([(nll.view_as(labels) * mask).sum(1), correct.sum(1), mask.sum(1)], 1).double()
-        totals += accelerator.gather_for_metrics(per_row).sum(0)  # (B * processes, 3) -> (3,)
+        rows = [(nll.view_as(labels) * mask).sum(1), correct.sum(1), mask.sum(1), torch.ones_like(mask[:, 0])]
+        totals += accelerator.gather_for_metrics(torch.stack(rows, 1).double()).sum(
+            0
+        )  # (B * processes, 4) -> (4,)
     model.train()
-    nll, correct, count = totals.tolist()
+    nll, correct, count, blocks = totals.tolist()
     loss = nll / max(count, 1)
     return {
         "eval_loss": loss,
         "perplexity": perplexity(loss),
         "eval_bits_per_byte": bits_per_byte(loss, bytes_per_token),
         "eval_accuracy": correct / max(count, 1),
+        "eval_blocks": int(blocks),
     }
 
 
@@ -398,11 +409,13 @@ def write_sample(model, tokenizer, cfg: RunConfig) -> str | None:
     return tokenizer.decode(out[0], skip_special_tokens=True)
 
 
-def run_results(
-    state, train_loss: float, last_eval: dict, data: PreparedData, n_params: int
-) -> dict[str, Any]:
+def run_results(state, meter: Meter, last_eval: dict, data: PreparedData, n_params: int) -> dict[str, Any]:
+    """What all_results.json, the model card and the table hold. train_loss is the mean over every logged step
+    of the run, resumed parts included (Trainer's meaning); the last log window's mean is beside it."""
     return {
-        "train_loss": train_loss,
+        "train_loss": state.get("train_loss_sum", 0.0) / max(state.get("train_loss_steps", 0), 1),
+        "train_loss_last_window": meter.train_loss,
+        "train_loss_last_window_steps": meter.window,
         **last_eval,
         "eval_bytes_per_token": data.summary["validation"].bytes_per_token,
         "train_tokens": state["tokens_seen"],
@@ -484,20 +497,24 @@ def resume_hint(argv: list[str] | None, num_processes: int) -> str:
 
 
 def prepare(
-    accelerator: Accelerator, cfg: RunConfig, model, optimizers, schedulers, train_dl, eval_dl, streaming
+    accelerator: Accelerator,
+    cfg: RunConfig,
+    model,
+    optimizers,
+    schedulers,
+    train_dl,
+    eval_dls: dict,
+    streaming,
 ):
     """accelerate.prepare everything at once (FSDP needs model and optimizers together); each optimizer and
     scheduler on its own (a wrapper around several stops stepping once prepared)."""
-    n = len(optimizers)
+    n, names = len(optimizers), list(eval_dls)
     prepared = accelerator.prepare(
-        model, eval_dl, *optimizers, *schedulers, *([] if streaming else [train_dl])
+        model, *eval_dls.values(), *optimizers, *schedulers, *([] if streaming else [train_dl])
     )
-    model, eval_dl, optimizers, schedulers = (
-        prepared[0],
-        prepared[1],
-        prepared[2 : 2 + n],
-        prepared[2 + n : 2 + 2 * n],
-    )
+    model, e = prepared[0], 1 + len(names)
+    eval_dls = dict(zip(names, prepared[1:e]))
+    optimizers, schedulers = prepared[e : e + n], prepared[e + n : e + 2 * n]
     if not streaming:  # a stream is already split across processes by prepare_data; not sharded again
         train_dl = prepared[-1]
         if len(train_dl) == 0:
@@ -505,25 +522,27 @@ def prepare(
                 f"per_device_train_batch_size ({cfg.per_device_train_batch_size}) x processes "
                 f"({accelerator.num_processes}) is more than the {len(train_dl.dataset)} training blocks"
             )
-    return model, optimizers, schedulers, train_dl, eval_dl
+    return model, optimizers, schedulers, train_dl, eval_dls
 
 
 class Meter:
-    """Loss, tokens and time between log steps. The loss and the NaN flag stay on the device until read, so
-    a step never waits for the host."""
+    """Loss, tokens and time between log steps. The loss and the flag for a non-finite loss or gradient norm
+    stay on the device until read, so a step never waits for the host."""
 
     def __init__(self, accelerator: Accelerator, flops_per_token: float, peak_flops: float | None):
         self.accelerator, self.flops_per_token, self.peak = accelerator, flops_per_token, peak_flops
         self.loss_sum = torch.zeros((), device=accelerator.device)
         self.first_bad_step = torch.full((), -1, device=accelerator.device)
         self.steps, self.tokens, self.start = 0, 0, time.perf_counter()
-        self.train_loss = float("nan")
+        self.train_loss, self.window = float("nan"), 0
 
-    def step_done(self, step: int, tokens: int) -> None:
+    def step_done(self, step: int, tokens: int, grad_norm: torch.Tensor | None) -> None:
+        """`grad_norm` None: not checked (fp16's scaler skipped the step, or DeepSpeed keeps the norm)."""
         self.steps, self.tokens = self.steps + 1, self.tokens + tokens
-        self.first_bad_step = torch.where(
-            (self.first_bad_step < 0) & ~torch.isfinite(self.loss_sum), step, self.first_bad_step
-        )
+        bad = ~torch.isfinite(self.loss_sum)
+        if isinstance(grad_norm, torch.Tensor):
+            bad = bad | ~torch.isfinite(grad_norm.to(bad.device))
+        self.first_bad_step = torch.where((self.first_bad_step < 0) & bad, step, self.first_bad_step)
 
     def row(self, step: int, state: dict, lr: float, grad_norm) -> dict[str, float]:
         """The log row since the last one (a collective: every process calls it); then start afresh."""
@@ -533,6 +552,10 @@ class Meter:
             self.accelerator.reduce(self.loss_sum, "sum") if world > 1 else self.loss_sum
         ).item() / self.steps
         tok_s = self.tokens / (time.perf_counter() - self.start)
+        # The whole run's mean (Trainer's train_loss) is kept in the state, which checkpoints save.
+        state["train_loss_sum"] = state.get("train_loss_sum", 0.0) + self.train_loss * self.steps
+        state["train_loss_steps"] = state.get("train_loss_steps", 0) + self.steps
+        self.window = self.steps
         row = {"step": step, "epoch": state["epoch"], "loss": self.train_loss, "lr": lr, "grad_norm": float(grad_norm),
                "tokens_per_second": tok_s, "tokens_seen": state["tokens_seen"]}  # fmt: skip
         if self.peak:
@@ -563,7 +586,8 @@ def log_row(accelerator: Accelerator, log: JsonlLog, row: dict, progress: tqdm, 
     else:
         progress.write(
             f"step {row['step']}: eval loss {row['eval_loss']:.4f}, ppl {row['perplexity']:.2f}, "
-            f"bpb {row['eval_bits_per_byte']:.4f}, accuracy {row['eval_accuracy']:.3f}"
+            f"bpb {row['eval_bits_per_byte']:.4f}, accuracy {row['eval_accuracy']:.3f} "
+            f"({row['eval_blocks']:,} blocks{', the whole split' if row.get('eval_whole') else ''})"
         )
 
 
@@ -654,7 +678,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from recipe.data import prepare_data
 
     data = prepare_data(cfg, accelerator.local_main_process_first, accelerator.process_index, world)
-    train_dl, eval_dl = dataloaders(data, cfg, accelerator.device)
+    train_dl, eval_dls = dataloaders(data, cfg, accelerator.device)
     streaming = is_stream(train_dl)
 
     # --- model, optimizers, schedules, resume
@@ -665,8 +689,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     schedulers = [make_schedule(opt, cfg) for opt in optimizers]
     hellaswag_data = hellaswag_items(cfg, accelerator, data.tokenizer, model.config)
     start_output_dir(cfg, accelerator)
-    model, optimizers, schedulers, train_dl, eval_dl = prepare(
-        accelerator, cfg, model, optimizers, schedulers, train_dl, eval_dl, streaming
+    model, optimizers, schedulers, train_dl, eval_dls = prepare(
+        accelerator, cfg, model, optimizers, schedulers, train_dl, eval_dls, streaming
     )
     init_trackers(accelerator, cfg)
     state = resume(accelerator, checkpoint, train_dl)
@@ -699,8 +723,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 accelerator.backward(out.loss * accum * world)
             meter.loss_sum += out.loss.detach()
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        skipped = False
         for optimizer, scheduler in zip(optimizers, schedulers):
             optimizer.step()
+            skipped = skipped or optimizer.step_was_skipped
             if not optimizer.step_was_skipped:  # fp16: the scaler skips steps with inf gradients
                 scheduler.step()
         for optimizer in optimizers:
@@ -710,7 +736,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         window_tokens = sum(b["input_ids"].numel() for b in window) * world  # shapes only: no sync
         state["tokens_seen"] += window_tokens
         state["epoch"] = epochs[-1]
-        meter.step_done(step, window_tokens)
+        meter.step_done(step, window_tokens, None if skipped else grad_norm)
         progress.update(1)
         is_log = step % cfg.logging_steps == 0 or step == cfg.max_steps
         is_eval = step % cfg.eval_steps == 0 or step == cfg.max_steps
@@ -719,17 +745,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if is_log or is_eval or is_save or step % AGREE_EVERY == 0 or (world == 1 and stop.received):
             stopping, bad = agree(stop, meter.first_bad_step, accelerator)
         if bad:
-            stop_run(accelerator, hub, 1, f"\nLoss became NaN or infinite at step {bad}; stopping. The last good "
-                     f"checkpoint stays in {output_dir}. Try a lower learning_rate or max_grad_norm.")  # fmt: skip
+            stop_run(accelerator, hub, 1, f"\nThe loss or the gradient norm became NaN or infinite at step {bad}; "
+                     f"stopping, nothing saved since. The last good checkpoint stays in {output_dir}. Try a lower "
+                     "learning_rate or max_grad_norm.")  # fmt: skip
         if is_log:
             row = meter.row(step, state, schedulers[0].get_last_lr()[0], grad_norm)
             log_row(accelerator, log, row, progress, "train")
         if is_eval:
             with meter.paused():  # evaluation time is not training throughput
-                # The final evaluation scores the whole validation split; the ones along the way may sample it.
-                max_batches = None if step == cfg.max_steps else cfg.max_eval_batches
-                last_eval = evaluate(model, eval_dl, accelerator, max_batches, data.summary["validation"].bytes_per_token)  # fmt: skip
-                log_row(accelerator, log, {"step": step, **last_eval}, progress, "eval")
+                # The final evaluation scores the whole validation split; the ones along the way a fixed subset.
+                whole = step == cfg.max_steps or "along" not in eval_dls
+                eval_dl = eval_dls["final" if whole else "along"]
+                last_eval = evaluate(model, eval_dl, accelerator, data.summary["validation"].bytes_per_token)
+                log_row(accelerator, log, {"step": step, **last_eval, "eval_whole": whole}, progress, "eval")
         if hellaswag_data and (
             step == cfg.max_steps or (cfg.hellaswag_steps and step % cfg.hellaswag_steps == 0)
         ):
@@ -740,9 +768,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         stopping = stopping and step < cfg.max_steps  # a stop on the last step just finishes
         if is_save or stopping:
             with meter.paused():
-                results = run_results(
-                    state, meter.train_loss, {**last_eval, **last_hellaswag}, data, n_params
-                )
+                results = run_results(state, meter, {**last_eval, **last_hellaswag}, data, n_params)
                 path = save(
                     accelerator, model, cfg, state, data, log, results, hub, train_dl if streaming else None
                 )
@@ -755,7 +781,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # --- finish
     if streaming:
         data.summary["train"] = stream_summary(train_dl, accelerator)
-    results = run_results(state, meter.train_loss, {**last_eval, **last_hellaswag}, data, n_params)
+    results = run_results(state, meter, {**last_eval, **last_hellaswag}, data, n_params)
     finish(accelerator, model, cfg, data, log, results, hub)
     return results
 

@@ -36,7 +36,7 @@ def eval_loss_of_folder(folder: Path, overrides: list[str]) -> float:
     data = prepare_data(cfg)
     model = AutoModelForCausalLM.from_pretrained(folder)
     loader = torch.utils.data.DataLoader(data.validation, batch_size=16)
-    return evaluate(model, loader, Accelerator(cpu=True), None, data.summary["validation"].bytes_per_token)[
+    return evaluate(model, loader, Accelerator(cpu=True), data.summary["validation"].bytes_per_token)[
         "eval_loss"
     ]
 

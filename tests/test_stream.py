@@ -208,3 +208,26 @@ def test_a_stream_position_is_refused_where_it_cannot_continue(tmp_path):
     (tmp_path / "shards" / "part-0.jsonl").write_text('{"text": "Document 0: other words"}\n')
     with pytest.raises(ConfigError, match="stream position is in other data"):
         train_dataloader(prepare_data(cfg), cfg).load_state_dict(state)
+
+
+def test_a_replayed_stream_saves_the_position_it_reached(tmp_path):
+    """Without a saved stream position (a checkpoint of another layout) the stream is read again up to the
+    step; the position saved next is where that replay got to, not a loader that was never iterated."""
+    import torch
+    from accelerate import Accelerator
+
+    from recipe.data import train_dataloader
+    from recipe.train import micro_batches
+
+    write_shards(tmp_path / "shards", range(SHARDS))
+    cfg = RunConfig(vocab_size=300, block_size=16, cache_dir=str(tmp_path / "cache"), streaming=True,
+                    train_files=[str(tmp_path / "shards" / "*.jsonl")], validation_split_percentage=25,
+                    per_device_train_batch_size=BATCH, dataloader_num_workers=0)  # fmt: skip
+    data = prepare_data(cfg)
+    reference = train_dataloader(data, cfg)
+    batches = iter(reference)
+    third = [next(batches) for _ in range(3)][-1]
+    replayed = train_dataloader(data, cfg)
+    epoch, batch = next(micro_batches(replayed, {"global_step": 2}, 1, Accelerator(cpu=True)))
+    assert epoch == 0 and torch.equal(batch["input_ids"], third["input_ids"])
+    assert replayed.state_dict() == reference.state_dict()

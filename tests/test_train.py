@@ -65,6 +65,10 @@ def launch(out: Path, *args: str, processes: int = 1, check: bool = True) -> sub
     return proc
 
 
+def metrics_rows(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
 def weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "model.safetensors"))
 
@@ -98,6 +102,9 @@ def test_loss_falls_on_tiny_data(full_run):
     assert train[-1] < train[0] - 0.5, train
     assert results["eval_loss"] < math.log(vocab) - 0.5  # well below the random-guess baseline
     assert results["perplexity"] == pytest.approx(math.exp(results["eval_loss"]), rel=1e-6)
+    # train_loss is the whole run's mean (Trainer's meaning), the last window's mean is labelled as such.
+    assert results["train_loss"] == pytest.approx(sum(train) / len(train), rel=1e-9)  # windows of 5 steps
+    assert (results["train_loss_last_window"], results["train_loss_last_window_steps"]) == (train[-1], 5)
     assert 0 < results["eval_bits_per_byte"] < results["eval_loss"] / math.log(2)  # > 1 byte per token
 
 
@@ -189,6 +196,7 @@ def test_resume_from_mid_run_checkpoint_gives_the_same_weights(full_run, tmp_pat
     first = json.loads((full_run / "all_results.json").read_text())
     assert again["eval_loss"] == pytest.approx(first["eval_loss"], abs=1e-6)
     assert again["train_tokens"] == first["train_tokens"]
+    assert again["train_loss"] == pytest.approx(first["train_loss"], rel=1e-6)  # the mean survives the resume
 
 
 def test_two_processes_equal_one_process_with_accumulation(tmp_path, hellaswag_file):
@@ -206,7 +214,9 @@ def test_two_processes_equal_one_process_with_accumulation(tmp_path, hellaswag_f
         "--per_device_train_batch_size",
         "4",
         "--eval_steps",
-        "6",
+        "3",
+        "--max_eval_batches",
+        "3",  # along the way the first 3 x 16 blocks, at any process count (2 x ceil(3 / 2) batches before)
         "--save_steps",
         "100",
     ]
@@ -217,6 +227,9 @@ def test_two_processes_equal_one_process_with_accumulation(tmp_path, hellaswag_f
     one = json.loads((tmp_path / "one" / "all_results.json").read_text())
     assert two["eval_loss"] == pytest.approx(one["eval_loss"], abs=1e-4)
     assert two["train_tokens"] == one["train_tokens"]
+    along = [[r for r in metrics_rows(tmp_path / run) if "eval_loss" in r] for run in ("two", "one")]
+    assert [(r["step"], r["eval_blocks"], r["eval_whole"]) for r in along[0]] == [(3, 48, False), (6, two["eval_blocks"], True)]  # fmt: skip
+    assert along[0][0]["eval_loss"] == pytest.approx(along[1][0]["eval_loss"], abs=1e-4)
     # HellaSwag sharded over 2 processes is exactly the 1-process score of the same weights.
     alone = evaluate.main(["--model", str(tmp_path / "two"), "--hellaswag_path", str(hellaswag_file), "--batch_size", "5"])  # fmt: skip
     assert {k: two[k] for k in alone} == alone
@@ -327,7 +340,7 @@ def test_non_finite_loss_stops_the_run_and_names_the_step(tmp_path):
         check=False,
     )
     assert proc.returncode == 1, proc.stderr[-3000:]
-    assert "Loss became NaN or infinite at step" in proc.stdout + proc.stderr
+    assert "The loss or the gradient norm became NaN or infinite at step" in proc.stdout + proc.stderr
     assert not (tmp_path / "model.safetensors").exists()
 
 
@@ -422,3 +435,28 @@ def test_a_run_with_checkpoints_prints_no_library_warning(tmp_path):
     noise = [line for line in (proc.stdout + proc.stderr).splitlines()
              if "Warning" in line or "warn(" in line or "Removed shared tensor" in line or "deprecated" in line]  # fmt: skip
     assert not noise, noise
+
+
+def test_a_non_finite_gradient_norm_is_a_bad_step_like_a_non_finite_loss():
+    """Checked on the device, read at the next agreement (before any save): the run stops naming the step."""
+    from types import SimpleNamespace
+
+    from recipe.train import Meter
+
+    meter = Meter(SimpleNamespace(device=torch.device("cpu"), num_processes=1), 1.0, None)
+    meter.loss_sum += 2.5
+    meter.step_done(1, 64, torch.tensor(0.7))
+    meter.step_done(2, 64, None)  # fp16 skipped the step: its inf norm is the scaler's business
+    assert int(meter.first_bad_step) == -1
+    meter.step_done(3, 64, torch.tensor(float("nan")))
+    meter.step_done(4, 64, torch.tensor(float("inf")))
+    assert int(meter.first_bad_step) == 3 and math.isfinite(float(meter.loss_sum))
+
+
+def test_the_prepared_loader_copies_to_the_device_without_blocking(tmp_path):
+    from recipe.config import load_config
+    from recipe.train import make_accelerator
+
+    accelerator = make_accelerator(load_config(["--config", TINY, "--output_dir", str(tmp_path), *QUIET]))
+    loader = accelerator.prepare(torch.utils.data.DataLoader(list(range(8)), batch_size=2, pin_memory=False))
+    assert accelerator.dataloader_config.non_blocking and loader._non_blocking
