@@ -263,6 +263,41 @@ def check_model_matches(checkpoint: Path, config) -> None:
         )
 
 
+SCHEDULE_KEYS = ("max_steps", "warmup_steps", "min_lr_ratio", "learning_rate", "muon_learning_rate")
+
+
+def run_identity(cfg, data) -> dict[str, Any]:
+    """What a resume must continue: the tokenizer, the data and the learning-rate schedule (saved with
+    every checkpoint; `check_same_run` compares them)."""
+    from recipe.tokenizer import tokenizer_fingerprint
+
+    return {"tokenizer_fingerprint": tokenizer_fingerprint(data.tokenizer), "data_fingerprint": data.fingerprint,
+            "schedule": {k: getattr(cfg, k) for k in SCHEDULE_KEYS}}  # fmt: skip
+
+
+def check_same_run(checkpoint: Path, saved: dict[str, Any], cfg, data) -> list[str]:
+    """One line naming what differs from the checkpoint: another tokenizer or other data are refused; another
+    schedule too, unless resume_new_schedule. Returns the schedule changes that will run (to print)."""
+    ours = run_identity(cfg, data)
+    differ = [
+        what
+        for key, what in [("tokenizer_fingerprint", "the tokenizer"), ("data_fingerprint", "the data")]
+        if saved.get(key, ours[key]) != ours[key]  # checkpoints written before these were saved: not checked
+    ]
+    schedule = saved.get("schedule", ours["schedule"])
+    changes = [
+        f"{k} {schedule[k]} -> {v}" for k, v in ours["schedule"].items() if k in schedule and schedule[k] != v
+    ]
+    if changes and not cfg.resume_new_schedule:
+        differ.append(f"the schedule ({', '.join(changes)}; --resume_new_schedule true runs the new one)")
+    if differ:
+        raise ConfigError(
+            f"resume_from_checkpoint: {' and '.join(differ)} differ from {checkpoint}'s; resume with the "
+            "checkpoint's tokenizer, data and schedule, or start a new output_dir"
+        )
+    return changes
+
+
 def resume_accumulation(saved: dict[str, Any], cfg, num_processes: int, streaming: bool) -> int:
     """The gradient accumulation that keeps the checkpoint's tokens per optimizer step with this run's
     number of processes, so the schedule and the data position continue exactly; or a clear refusal."""

@@ -103,6 +103,9 @@ class RunConfig:
     save_steps: int = 50
     save_total_limit: int | None = 2
     resume_from_checkpoint: str | None = None  # a checkpoint folder or "latest"
+    # A resume refuses another schedule (max_steps, warmup_steps, min_lr_ratio, learning_rate,
+    # muon_learning_rate) than the checkpoint's; true: the new one runs from the checkpoint's step on.
+    resume_new_schedule: bool = False
     push_to_hub: bool = False
     hub_model_id: str | None = None  # None: <your user>/<output_dir's name>
     hub_strategy: str = "every_save"  # end, every_save, checkpoint (adds last-checkpoint/) or all_checkpoints

@@ -91,6 +91,7 @@ class PreparedData:
     validation: TokenBlocks
     summary: dict[str, SplitSummary]  # "train" (all zeros when streaming) and "validation"
     source: str
+    fingerprint: str = ""  # of the documents of both splits (a stream: its source, files and shards)
 
 
 def prepare_data(
@@ -110,16 +111,18 @@ def prepare_data(
         if isinstance(splits["train"], IterableDataset):
             # No datasets shuffle: its buffer reads ahead, and what it holds is lost on a resume.
             docs = split_dataset_by_node(splits["train"], rank=rank, world_size=world_size)
-            train = PackedStream(
-                docs, tokenizer, cfg.block_size, cfg.seed, _stream_identity(cfg, splits["train"])
-            )
+            identity = _stream_identity(cfg, splits["train"])
+            train = PackedStream(docs, tokenizer, cfg.block_size, cfg.seed, identity)
             train_summary = SplitSummary(0, 0, 0, 0, 0)
+            fingerprint = Hasher.hash([identity, splits["validation"]._fingerprint])
         else:
             train, train_summary = _blocks(splits["train"], tokenizer, cfg, "train", _key(cfg, "train"))
+            fingerprint = Hasher.hash([splits["train"]._fingerprint, splits["validation"]._fingerprint])
         validation, summary = _blocks(
             splits["validation"], tokenizer, cfg, "validation", _key(cfg, "validation")
         )
-    return PreparedData(tokenizer, train, validation, {"train": train_summary, "validation": summary}, source)
+    summaries = {"train": train_summary, "validation": summary}
+    return PreparedData(tokenizer, train, validation, summaries, source, fingerprint)
 
 
 # --- loading documents: every source ends as splits with one "text" column -------------------------------

@@ -30,7 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache_dir", default=RunConfig.cache_dir, help="where HellaSwag is cached")
     p.add_argument("--hellaswag_path", default=None, help="a local copy (datasets folder or jsonl) to score")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: bfloat16 on a GPU that has it, else float32")  # fmt: skip
+                   help="auto: the checkpoint's own (as lm_eval's dtype=auto; ours are float32)")  # fmt: skip
     p.add_argument("--trust_remote_code", action="store_true", help="run the folder's own modeling code")
     p.add_argument("--output", default=None, help="also write the results (and per-item scores) as JSON")
     args = p.parse_args(argv)
@@ -50,13 +50,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     import recipe  # noqa: F401  (registers our architecture with the Auto classes)
 
     state = PartialState()
-    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else None
-    if dtype is None:
-        dtype = (
-            torch.bfloat16
-            if state.device.type == "cuda" and torch.cuda.is_bf16_supported()
-            else torch.float32
-        )
+    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
@@ -74,7 +68,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     results = hellaswag.metrics(result)
     if state.is_main_process:
         stderr = f"standard error: acc_norm ±{result['acc_norm_stderr']:.4f}, acc ±{result['acc_stderr']:.4f}"
-        print(f"\n{hellaswag.table(results, args.model)}\n({stderr}; {state.num_processes} process(es))")
+        where = f"{state.num_processes} process(es), {model.dtype}"
+        print(f"\n{hellaswag.table(results, args.model)}\n({stderr}; {where})")
         if args.output:
             per_item = {"logliks": result["logliks"].tolist()}
             Path(args.output).write_text(json.dumps({"model": args.model, **results, **per_item}, indent=1))

@@ -153,15 +153,17 @@ def context_length(config, tokenizer) -> int:
 
 def encode(tokenizer, context: str, continuation: str, max_length: int) -> tuple[list[int], int]:
     """(tokens, how many of the last ones are the continuation) for one context and ending, as lm-eval's
-    HFLM splits them: the context's trailing spaces move to the continuation, the whole string is tokenised,
-    the continuation is what follows the context's own tokens, and the input keeps its last max_length + 1."""
+    HFLM builds them: the context's trailing spaces move to the continuation; the continuation's tokens are
+    those of the whole string after as many as the context alone has; the input is the context's own tokens
+    then those, keeping the last max_length + 1."""
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     whole = tokenizer(context + continuation, verbose=False).input_ids  # no "longer than the maximum" warning
-    n_context = len(tokenizer(context, verbose=False).input_ids)
-    tokens = whole[-(max_length + 1) :]
-    return tokens, max(0, min(len(whole) - n_context, len(tokens) - 1))
+    context_ids = tokenizer(context, verbose=False).input_ids
+    continuation_ids = whole[len(context_ids) :]
+    tokens = (context_ids + continuation_ids)[-(max_length + 1) :]
+    return tokens, max(0, min(len(continuation_ids), len(tokens) - 1))
 
 
 @dataclass
@@ -169,15 +171,21 @@ class Item:
     sequences: list[tuple[list[int], int]]  # one per ending: (tokens, number of continuation tokens)
     label: int
     ending_chars: list[int]  # acc_norm divides by these: len(ending) in characters, without the space
+    max_length: int  # the model's context: a batch is never padded beyond it
 
 
 def encode_items(dataset, tokenizer, max_length: int) -> list[Item]:
     """Every item tokenised once (a run scores the same items many times)."""
     items = []
-    for doc in dataset:
-        context, endings, label = to_request(doc)
+    for i, doc in enumerate(dataset):
+        try:
+            context, endings, label = to_request(doc)
+        except ValueError:
+            raise ConfigError(
+                f"HellaSwag item {i} has no label {doc['label']!r} (the test split has none)"
+            ) from None
         sequences = [encode(tokenizer, context, " " + ending, max_length) for ending in endings]
-        items.append(Item(sequences, label, [len(e) for e in endings]))
+        items.append(Item(sequences, label, [len(e) for e in endings], max_length))
     return items
 
 
@@ -197,7 +205,9 @@ def score(model, items: list[Item], items_per_batch: int = 8, progress: bool = F
 
     Every process must call it (a collective). The endings of an item share a forward batch; rows are padded
     on the right, where a causal model's padding cannot change the positions scored, so no attention mask is
-    needed and SDPA takes its causal kernel."""
+    needed and SDPA takes its causal kernel. A compiled model runs eagerly here (`force_eager`: the lengths
+    vary, and recompiling for them would cost more than the forwards), inside its wrappers (FSDP's hooks sit
+    on the compiled module)."""
     from accelerate import PartialState
     from accelerate.utils import reduce
     from tqdm.auto import tqdm
@@ -205,7 +215,7 @@ def score(model, items: list[Item], items_per_batch: int = 8, progress: bool = F
     if not items:
         raise ConfigError("HellaSwag: no items to score")
     state = PartialState()
-    device = next(model.parameters()).device
+    device = state.device
     batches = [range(i, min(i + items_per_batch, len(items))) for i in range(0, len(items), items_per_batch)]
     mine = batches[state.process_index :: state.num_processes]
     rounds = math.ceil(len(batches) / state.num_processes)
@@ -218,7 +228,8 @@ def score(model, items: list[Item], items_per_batch: int = 8, progress: bool = F
         # A process with no batch left scores the first one again and drops it: every process runs the same
         # number of forwards, which FSDP (a gather per layer and forward) needs.
         batch = mine[r] if r < len(mine) else batches[0]
-        values = _loglikelihoods(model, [items[i] for i in batch], device)
+        with torch.compiler.set_stance("force_eager"):
+            values = _loglikelihoods(model, [items[i] for i in batch], device)
         if r < len(mine):
             logliks[batch.start : batch.stop] = values
     model.train(was_training)
@@ -242,7 +253,7 @@ def _loglikelihoods(model, items: list[Item], device: torch.device) -> torch.Ten
     """(items, endings): the summed log-probability of each ending's tokens, in fp32."""
     sequences = [s for item in items for s in item.sequences]
     longest = max(len(tokens) for tokens, _ in sequences) - 1
-    length = max(1, -(-longest // 16) * 16)  # a few distinct shapes, for a compiled model
+    length = max(1, min(-(-longest // 16) * 16, items[0].max_length))  # a few distinct shapes
     input_ids = torch.zeros(len(sequences), length, dtype=torch.long)
     labels = torch.full((len(sequences), length), -100, dtype=torch.long)
     for row, (tokens, n_scored) in enumerate(sequences):

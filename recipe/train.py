@@ -43,6 +43,7 @@ from recipe import GPTForCausalLM, hellaswag
 from recipe.checkpoint import (
     SAMPLING,
     check_model_matches,
+    check_same_run,
     find_checkpoint,
     list_checkpoints,
     load_weights_from_model_folder,
@@ -50,6 +51,7 @@ from recipe.checkpoint import (
     read_rank_state,
     read_state,
     resume_accumulation,
+    run_identity,
     save_checkpoint,
     save_model_folder,
     skip_weights_in_save_state,
@@ -221,8 +223,9 @@ def init_trackers(accelerator: Accelerator, cfg: RunConfig) -> None:
 # ----------------------------------------------------------------------------- resume
 
 
-def check_resume(accelerator: Accelerator, cfg: RunConfig, model, streaming: bool) -> Path | None:
-    """Find the checkpoint to resume and check it fits this run, before anything is written."""
+def check_resume(accelerator: Accelerator, cfg: RunConfig, model, data: PreparedData, streaming: bool) -> Path | None:  # fmt: skip
+    """Find the checkpoint to resume and check it fits this run (model, tokenizer, data, schedule, layout),
+    before anything is written."""
     with accelerator.local_main_process_first():  # a Hub checkpoint is downloaded once per node
         checkpoint = find_checkpoint(
             cfg.resume_from_checkpoint,
@@ -233,6 +236,9 @@ def check_resume(accelerator: Accelerator, cfg: RunConfig, model, streaming: boo
         return None
     check_model_matches(checkpoint, model.config)
     saved = read_state(checkpoint)
+    changes = check_same_run(checkpoint, saved, cfg, data)
+    if changes:
+        accelerator.print(f"Resuming with a new schedule (resume_new_schedule): {', '.join(changes)}")
     sharded = accelerator.distributed_type == DistributedType.FSDP  # its optimizer state is saved sharded
     if ("FSDP" in saved.get("distributed_type", str(accelerator.distributed_type))) != sharded:
         raise ConfigError(
@@ -249,8 +255,10 @@ def check_resume(accelerator: Accelerator, cfg: RunConfig, model, streaming: boo
     return checkpoint
 
 
-def resume(accelerator: Accelerator, checkpoint: Path | None, train_dl) -> dict[str, Any]:
-    """Weights, optimizer, scheduler and RNG states; the data position from our own state."""
+def resume(accelerator: Accelerator, checkpoint: Path | None, train_dl, schedulers) -> dict[str, Any]:
+    """Weights, optimizer, scheduler and RNG states; the data position from our own state. The schedule is
+    this run's (check_resume refused another one unless resume_new_schedule): its peak learning rates replace
+    the checkpoint's, and each group's rate is set for the checkpoint's step."""
     state = {"global_step": 0, "tokens_seen": 0, "train_runtime": 0.0, "epoch": 0}
     if checkpoint is None:
         return state
@@ -262,7 +270,14 @@ def resume(accelerator: Accelerator, checkpoint: Path | None, train_dl) -> dict[
             f"with the checkpoint's {saved['num_processes']} it had {saved['batches_per_epoch']}: the data "
             f"position would not continue exactly; resume with {saved['num_processes']} process(es)"
         )
+    peaks = [list(s.scheduler.base_lrs) for s in schedulers]
     accelerator.load_state(str(checkpoint / "training_state"))
+    for scheduler, base_lrs in zip(schedulers, peaks):
+        inner = scheduler.scheduler
+        inner.base_lrs = base_lrs  # a LambdaLR (optim.make_schedule): lambda x peak at the checkpoint's step
+        for group, fn, peak in zip(inner.optimizer.param_groups, inner.lr_lambdas, base_lrs):
+            group["lr"] = peak * fn(inner.last_epoch)
+        inner._last_lr = [group["lr"] for group in inner.optimizer.param_groups]
     accelerator.step = 0  # every window starts at a step boundary, whatever the old accumulation was
     state.update(saved)
     rank_state = read_rank_state(checkpoint, accelerator.process_index)
@@ -282,12 +297,13 @@ def epoch_length(train_dl, world: int) -> int | None:
     return None if is_stream(train_dl) else len(train_dl) * world
 
 
-def layout(cfg: RunConfig, accelerator: Accelerator, train_dl) -> dict[str, Any]:
-    """What decides the data position and the tokens per step: saved with every checkpoint."""
+def layout(cfg: RunConfig, accelerator: Accelerator, train_dl, data: PreparedData) -> dict[str, Any]:
+    """What decides the data position and the tokens per step, and what a resume must continue (tokenizer,
+    data, schedule): saved with every checkpoint."""
     return {"num_processes": accelerator.num_processes, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
             "per_device_train_batch_size": cfg.per_device_train_batch_size, "block_size": cfg.block_size,
             "batches_per_epoch": epoch_length(train_dl, accelerator.num_processes),
-            "distributed_type": str(accelerator.distributed_type)}  # fmt: skip
+            "distributed_type": str(accelerator.distributed_type), **run_identity(cfg, data)}  # fmt: skip
 
 
 def micro_batches(dataloader, state: dict[str, Any], accum: int, accelerator: Accelerator):
@@ -385,12 +401,9 @@ def hellaswag_items(
 
 
 def score_hellaswag(model, items: list[hellaswag.Item], cfg: RunConfig, final: bool) -> dict[str, float]:
-    """The fixed subset along the way, every item at the end. A compiled model is scored by its eager module:
-    the items' lengths vary, and recompiling for them would cost more than the forwards."""
+    """The fixed subset along the way, every item at the end (a compiled model runs eagerly: hellaswag.score)."""
     subset = items if final else hellaswag.evenly_spaced(items, cfg.hellaswag_items)
-    return hellaswag.metrics(
-        hellaswag.score(getattr(model, "_orig_mod", model), subset, cfg.hellaswag_batch_size)
-    )
+    return hellaswag.metrics(hellaswag.score(model, subset, cfg.hellaswag_batch_size))
 
 
 @torch.no_grad()
@@ -683,7 +696,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     # --- model, optimizers, schedules, resume
     model = build_model(cfg, data.tokenizer)
-    checkpoint = check_resume(accelerator, cfg, model, streaming)
+    checkpoint = check_resume(accelerator, cfg, model, data, streaming)
     n_params = sum(p.numel() for p in model.parameters())
     optimizers = build_optimizers(model, cfg, accelerator.device.type)
     schedulers = [make_schedule(opt, cfg) for opt in optimizers]
@@ -693,9 +706,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         accelerator, cfg, model, optimizers, schedulers, train_dl, eval_dls, streaming
     )
     init_trackers(accelerator, cfg)
-    state = resume(accelerator, checkpoint, train_dl)
+    state = resume(accelerator, checkpoint, train_dl, schedulers)
     accum = cfg.gradient_accumulation_steps
-    state.update(layout(cfg, accelerator, train_dl))
+    state.update(layout(cfg, accelerator, train_dl, data))
     batches = micro_batches(train_dl, state, accum, accelerator)
     log = JsonlLog(output_dir / "metrics.jsonl", enabled=main_proc, keep_until_step=state["global_step"])
     meter = Meter(accelerator, flops_per_token(plain_model(model).config, cfg.block_size),
@@ -758,8 +771,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 eval_dl = eval_dls["final" if whole else "along"]
                 last_eval = evaluate(model, eval_dl, accelerator, data.summary["validation"].bytes_per_token)
                 log_row(accelerator, log, {"step": step, **last_eval, "eval_whole": whole}, progress, "eval")
-        if hellaswag_data and (
-            step == cfg.max_steps or (cfg.hellaswag_steps and step % cfg.hellaswag_steps == 0)
+        if (
+            hellaswag_data
+            and not (stopping and step < cfg.max_steps)
+            and (step == cfg.max_steps or (cfg.hellaswag_steps and step % cfg.hellaswag_steps == 0))
         ):
             with meter.paused():
                 last_hellaswag = score_hellaswag(model, hellaswag_data, cfg, final=step == cfg.max_steps)

@@ -162,8 +162,9 @@ def test_a_stop_signal_reaching_one_rank_stops_every_rank_cleanly(tmp_path):
     stopped_at = json.loads((checkpoints[0] / "trainer_state.json").read_text())["global_step"]
 
     launch(
-        out, *CONSTANT, "--max_steps", str(stopped_at + 3), "--resume_from_checkpoint", "latest", processes=2
-    )
+        out, *CONSTANT, "--max_steps", str(stopped_at + 3), "--resume_from_checkpoint", "latest",
+        "--resume_new_schedule", "true", processes=2,
+    )  # fmt: skip
     launch(tmp_path / "straight", *CONSTANT, "--max_steps", str(stopped_at + 3), processes=2)
     assert max_weight_diff(out, tmp_path / "straight") < 1e-5
 

@@ -66,6 +66,18 @@ def test_encode_splits_and_truncates_as_lm_eval_does():
     assert hellaswag.encode(tok, "abcdef", " gh", max_length=4) == (ids("ef gh"), 3)
     assert hellaswag.encode(tok, "ab", " cdefgh", max_length=4) == (ids("defgh"), 4)
     assert hellaswag.encode(tok, "ab ", "cd", max_length=10) == (ids("ab cd"), 3)
+    # A tokenizer that appends a token: the input is the context's own tokens, then what follows them in the
+    # whole string's (lm-eval's _encode_pair), not the whole string's tokens.
+    from tokenizers import processors
+
+    tok.add_special_tokens({"eos_token": "<eos>"})
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A <eos>", special_tokens=[("<eos>", tok.eos_token_id)]
+    )
+    eos = tok.eos_token_id
+    a, b, space, c, d = (tok.convert_tokens_to_ids(x) for x in "ab cd")
+    assert tok("ab").input_ids == [a, b, eos]
+    assert hellaswag.encode(tok, "ab", " cd", max_length=10) == ([a, b, eos, c, d, eos], 3)
 
 
 @pytest.mark.parametrize("bonus", [0.0, 4.0])
@@ -99,13 +111,18 @@ def test_acc_and_acc_norm_equal_hand_computed_values(bonus):
 def test_batched_scores_equal_one_ending_at_a_time(tiny_gpt, tiny_tokenizer, architecture):
     """Right padding cannot change a causal model's scored positions: batched = unpadded, one at a time
     (weights randomised: the modern init zeroes the output projections)."""
-    model = tiny_gpt(vocab_size=len(tiny_tokenizer), architecture=architecture, max_position_embeddings=48)
+    # A context that is no multiple of the padding step (16): a full batch is never padded beyond it.
+    model = tiny_gpt(vocab_size=len(tiny_tokenizer), architecture=architecture, max_position_embeddings=40)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.3)
-    items = hellaswag.encode_items(HELLASWAG_ROWS, tiny_tokenizer, max_length=48)
-    assert any(len(tokens) == 49 for item in items for tokens, _ in item.sequences)  # some truncated
+    items = hellaswag.encode_items(HELLASWAG_ROWS, tiny_tokenizer, max_length=40)
+    assert any(len(tokens) == 41 for item in items for tokens, _ in item.sequences)  # some truncated
     batched = hellaswag.score(model, items, items_per_batch=5)["logliks"]
+    graphs = []
+    compiled = torch.compile(model, backend=lambda gm, inputs: graphs.append(gm) or gm.forward)
+    assert torch.equal(hellaswag.score(compiled, items, items_per_batch=5)["logliks"], batched)
+    assert graphs == []  # scored eagerly: no compile for each new length
     for item, got in zip(items, batched):
         for (tokens, n_scored), value in zip(item.sequences, got.tolist()):
             logp = model(input_ids=torch.tensor([tokens[:-1]])).logits[0].log_softmax(-1)

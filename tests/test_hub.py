@@ -163,7 +163,7 @@ def test_training_goes_on_while_an_upload_hangs_then_fails_and_a_later_save_resu
     # Resume from the Hub repo id in a fresh output_dir: the stand-in serves what was pushed.
     again = run_train(tmp_path / "elsewhere", standin, "--max_steps", "12", "--save_steps", "100",
                       "--eval_steps", "100", "--resume_from_checkpoint", "tester/pushed",
-                      "--hub_strategy", "end")  # fmt: skip
+                      "--hub_strategy", "end", "--resume_new_schedule", "true")  # fmt: skip
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
     resumed_at = json.loads((remote / "last-checkpoint" / "trainer_state.json").read_text())["global_step"]
     assert f"at step {resumed_at}" in again.stdout + again.stderr
@@ -200,7 +200,7 @@ def test_real_hub_push_and_resume(tmp_path):
     first = subprocess.run([*base, "--output_dir", str(tmp_path / "a"), "--max_steps", "6", "--save_steps", "3",
                             "--hub_strategy", "checkpoint"], env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
     assert first.returncode == 0, first.stderr[-3000:]
-    second = subprocess.run([*base, "--output_dir", str(tmp_path / "b"), "--max_steps", "8",
+    second = subprocess.run([*base, "--output_dir", str(tmp_path / "b"), "--max_steps", "8", "--resume_new_schedule", "true",
                              "--resume_from_checkpoint", repo, "--hub_strategy", "end"],
                             env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
     assert second.returncode == 0, second.stderr[-3000:]

@@ -272,7 +272,7 @@ def test_sigterm_leaves_a_resumable_checkpoint(tmp_path, processes):
     assert "--resume_from_checkpoint latest" in stdout + stderr
     stopped_at = json.loads((checkpoints[0] / "trainer_state.json").read_text())["global_step"]
     launch(out, "--max_steps", str(stopped_at + 2), "--save_steps", "100000", "--eval_steps", "100000",
-           "--resume_from_checkpoint", "latest", processes=processes)  # fmt: skip
+           "--resume_from_checkpoint", "latest", "--resume_new_schedule", "true", processes=processes)  # fmt: skip
     assert json.loads((out / "all_results.json").read_text())["global_step"] == stopped_at + 2
 
 
@@ -460,3 +460,46 @@ def test_the_prepared_loader_copies_to_the_device_without_blocking(tmp_path):
     accelerator = make_accelerator(load_config(["--config", TINY, "--output_dir", str(tmp_path), *QUIET]))
     loader = accelerator.prepare(torch.utils.data.DataLoader(list(range(8)), batch_size=2, pin_memory=False))
     assert accelerator.dataloader_config.non_blocking and loader._non_blocking
+
+
+def test_a_resume_refuses_another_tokenizer_data_or_schedule_in_one_line(full_run, tmp_path):
+    """Each compared with what checkpoint-10 recorded; the schedule may change on purpose, and then the new
+    one is what runs."""
+    from recipe.config import load_config
+    from recipe.optim import schedule_curve
+    from recipe.tokenizer import train_bpe
+
+    def resume_with(name: str, *args: str, check: bool = False) -> subprocess.CompletedProcess:
+        out = tmp_path / name
+        out.mkdir()
+        subprocess.run(["cp", "-r", str(full_run / "checkpoint-10"), str(out)], check=True)
+        return launch(out, *FULL_RUN, "--resume_from_checkpoint", "latest", *args, check=check)
+
+    other = tmp_path / "other-bpe"  # another byte-level BPE of the same size: the model would load
+    train_bpe([(ROOT / "README.md").read_text()] * 3, 512).save_pretrained(other)
+    proc = resume_with("tokenizer", "--tokenizer_name", str(other))
+    assert proc.returncode != 0 and "error: resume_from_checkpoint: the tokenizer differ" in proc.stderr, proc.stderr[-2000:]  # fmt: skip
+    text = tmp_path / "other.jsonl"  # the checkpoint's own tokenizer, other documents
+    text.write_text(
+        "".join(
+            json.dumps({"text": f"Document {i}, not Shakespeare at all. " * 30}) + "\n" for i in range(40)
+        )
+    )
+    proc = resume_with("data", "--tokenizer_name", str(full_run), "--train_files", str(text))
+    assert proc.returncode != 0 and "the data differ" in proc.stderr and "tokenizer" not in proc.stderr.split("error:")[-1].split("differ")[0], proc.stderr[-2000:]  # fmt: skip
+    new = ["--max_steps", "30", "--learning_rate", "6e-3"]
+    proc = resume_with("schedule", *new)
+    message = proc.stderr.split("error:")[-1]
+    assert proc.returncode != 0 and "max_steps 20 -> 30, learning_rate 0.003 -> 0.006" in message
+    assert message.strip().count("\n") == 0 and "--resume_new_schedule true" in message
+
+    proc = resume_with("extended", *new, "--resume_new_schedule", "true", check=True)
+    printed = (
+        "Resuming with a new schedule (resume_new_schedule): max_steps 20 -> 30, learning_rate 0.003 -> 0.006"
+    )
+    assert printed in proc.stdout + proc.stderr
+    # The logged rate at step s is the schedule's after s steps: from the checkpoint's step on, the new one's.
+    lrs = {r["step"]: r["lr"] for r in metrics_rows(tmp_path / "extended") if "lr" in r}
+    old, extended = (schedule_curve(load_config(["--config", TINY, *args]))[1] for args in ([], new))
+    assert [lrs[s] for s in (15, 20, 25)] == pytest.approx([extended[s] for s in (15, 20, 25)], rel=1e-6)
+    assert lrs[15] != pytest.approx(old[15], rel=1e-2)
