@@ -55,6 +55,8 @@ from recipe import corpus
 from recipe.config import ConfigError, RunConfig, available_cores, load_config
 from recipe.tokenizer import get_tokenizer, tokenizer_fingerprint
 
+logger = logging.getLogger(__name__)
+
 BUILDERS = {
     ".json": "json",
     ".jsonl": "json",
@@ -110,6 +112,14 @@ def prepare_data(
         tokenizer = get_tokenizer(cfg, corpus_id, lambda: _texts(splits["train"]))
         if isinstance(splits["train"], IterableDataset):
             # No datasets shuffle: its buffer reads ahead, and what it holds is lost on a resume.
+            shards = splits["train"].num_shards
+            if world_size > 1 and shards % world_size and rank == 0:
+                logger.warning(
+                    "The stream has %d shards (files), which %d processes do not divide: every process reads "
+                    "all of it and keeps 1 document in %d. Split the data into a multiple of %d files (or run "
+                    "on a process count that divides %d) to read each shard once.",
+                    shards, world_size, world_size, world_size, shards,
+                )  # fmt: skip
             docs = split_dataset_by_node(splits["train"], rank=rank, world_size=world_size)
             identity = _stream_identity(cfg, splits["train"])
             train = PackedStream(docs, tokenizer, cfg.block_size, cfg.seed, identity)

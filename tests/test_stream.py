@@ -231,3 +231,19 @@ def test_a_replayed_stream_saves_the_position_it_reached(tmp_path):
     epoch, batch = next(micro_batches(replayed, {"global_step": 2}, 1, Accelerator(cpu=True)))
     assert epoch == 0 and torch.equal(batch["input_ids"], third["input_ids"])
     assert replayed.state_dict() == reference.state_dict()
+
+
+def test_a_stream_every_rank_would_read_whole_is_one_warning_line(tmp_path, caplog):
+    """4 shards on 3 processes: datasets gives every rank the whole stream (1 document in 3 kept)."""
+    import logging
+
+    write_shards(tmp_path / "shards", range(SHARDS))
+    cfg = RunConfig(vocab_size=300, block_size=16, cache_dir=str(tmp_path / "cache"), streaming=True,
+                    train_files=[str(tmp_path / "shards" / "*.jsonl")], validation_split_percentage=25)  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="recipe"):
+        prepare_data(cfg, rank=1, world_size=2)  # 4 shards, 2 processes: each reads its own two
+        prepare_data(cfg, rank=1, world_size=3)  # said once, by rank 0
+        assert not [r for r in caplog.records if "shards" in r.getMessage()]
+        prepare_data(cfg, rank=0, world_size=3)
+    (warning,) = [r.getMessage() for r in caplog.records if "shards" in r.getMessage()]
+    assert "4 shards (files), which 3 processes do not divide" in warning and "\n" not in warning
