@@ -64,12 +64,22 @@ def rotate_checkpoints(output_dir: Path, keep: int | None, uploading: str | None
 
 
 def find_checkpoint(
-    resume_from: str | None, output_dir: Path, download: Callable[[str], Path]
+    resume_from: str | None,
+    output_dir: Path,
+    download: Callable[..., Path | None],
+    hub_repo: str | None = None,
 ) -> Path | None:
-    """`resume_from_checkpoint`: a checkpoint folder, "latest" (in output_dir), or a Hub repo id whose
-    `last-checkpoint/` is downloaded once (`download(repo_id)` returns the local folder)."""
+    """`resume_from_checkpoint`: a checkpoint folder, "latest" (in output_dir), a Hub repo id whose
+    `last-checkpoint/` is downloaded once (`download(repo_id)` returns the local folder), or "auto": the newest
+    checkpoint in output_dir, else `hub_repo`'s last-checkpoint (`download(repo, missing_ok=True)` gives None
+    where there is none), else None: a fresh start. The same command then starts a run and resumes it."""
     if not resume_from:
         return None
+    if resume_from == "auto":
+        found = list_checkpoints(output_dir)
+        if found:
+            return found[-1]
+        return download(hub_repo, missing_ok=True) if hub_repo else None
     if resume_from == "latest":
         found = list_checkpoints(output_dir)
         if not found:

@@ -102,7 +102,9 @@ class RunConfig:
     # --- checkpoints and output ---
     save_steps: int = 50
     save_total_limit: int | None = 2
-    resume_from_checkpoint: str | None = None  # a checkpoint folder or "latest"
+    # a checkpoint folder, "latest", a Hub repo id, or "auto": the newest local checkpoint, else hub_model_id's
+    # last-checkpoint on the Hub, else a fresh start (one command that starts and resumes a run)
+    resume_from_checkpoint: str | None = None
     # A resume refuses another schedule (max_steps, warmup_steps, min_lr_ratio, learning_rate,
     # muon_learning_rate) than the checkpoint's; true: the new one runs from the checkpoint's step on.
     resume_new_schedule: bool = False
@@ -111,7 +113,10 @@ class RunConfig:
     hub_strategy: str = "every_save"  # end, every_save, checkpoint (adds last-checkpoint/) or all_checkpoints
     hub_private_repo: bool | None = None  # None: the namespace's default visibility
     hub_token: str | None = None  # None: the login of `hf auth login` / HF_TOKEN
-    hub_upload_timeout: float = 3600.0  # seconds to wait for pending uploads at the end or at a stop
+    hub_upload_timeout: float = 3600.0  # seconds to wait for pending uploads at the end of a run
+    # seconds a stop (a signal) waits for its uploads: keep it inside the launcher's grace period after SIGTERM
+    # (torchrun: TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 30 s; SLURM: KillWait; Kubernetes: terminationGracePeriodSeconds)
+    hub_stop_timeout: float = 20.0
     sample_prompt: str = "\n"
     sample_max_new_tokens: int = 200
 
@@ -183,7 +188,7 @@ class RunConfig:
             raise ConfigError(
                 f"save_total_limit must be a positive integer (or none: keep every checkpoint), got {self.save_total_limit!r}"
             )
-        for name in ("num_threads", "ddp_timeout", "hub_upload_timeout", "hellaswag_steps", "hellaswag_items",
+        for name in ("num_threads", "ddp_timeout", "hub_upload_timeout", "hub_stop_timeout", "hellaswag_steps", "hellaswag_items",
                      "hellaswag_batch_size"):  # fmt: skip
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}")

@@ -9,8 +9,10 @@
 Uploads run on a background (daemon) thread, the uploads of one save in order, so a slow network never slows
 a step and a stalled one never keeps a finished or stopped run from exiting. As in Trainer, a save whose push would start while the previous one is still
 running is not pushed (the next save pushes newer weights); the final push always happens. A failed upload is
-reported and the next save pushes again. At the end of a run, and when a signal or a NaN stops it, the pending
-upload is awaited up to `hub_upload_timeout` seconds, with progress shown.
+reported and the next save pushes again. At the end of a run the pending upload is awaited up to
+`hub_upload_timeout` seconds, with progress shown. When a signal or a NaN stops the run, its own checkpoint is
+queued right behind any upload in flight and both are awaited up to `hub_stop_timeout` seconds, to fit the
+launcher's grace period (torchrun kills 30 s after SIGTERM).
 """
 
 from __future__ import annotations
@@ -44,16 +46,27 @@ def make_api(token: str | None = None) -> HfApi:
     return getattr(importlib.import_module(module), name)(token=token)
 
 
-def download_last_checkpoint(repo_id: str, token: str | None = None) -> Path:
-    """A Hub repo's `last-checkpoint/` (pushed with hub_strategy checkpoint), downloaded once into the HF cache."""
+def download_last_checkpoint(repo_id: str, token: str | None = None, missing_ok: bool = False) -> Path | None:
+    """A Hub repo's `last-checkpoint/` (pushed with hub_strategy checkpoint), downloaded once into the HF cache.
+    missing_ok (resume_from_checkpoint auto): None where the repo or its last-checkpoint does not exist yet,
+    or the Hub is off (HF_HUB_OFFLINE); a Hub that does not answer is still an error, never a fresh start."""
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
     try:
         folder = make_api(token).snapshot_download(repo_id=repo_id, allow_patterns=["last-checkpoint/*"])
-    except Exception as err:  # offline, not found, gated: the same to the user
+    except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as err:
+        if missing_ok:
+            return None
+        raise ConfigError(
+            f"resume_from_checkpoint: {repo_id} has no last-checkpoint on the Hub ({err})"
+        ) from None
+    except Exception as err:  # offline, unreachable, gated: the same to the user
         raise ConfigError(
             f"resume_from_checkpoint: {repo_id} is not a local folder and cannot be downloaded from the Hub "
             f"({type(err).__name__}: {err})"
         ) from None
-    return Path(folder) / "last-checkpoint"
+    path = Path(folder) / "last-checkpoint"
+    return None if missing_ok and not (path / "trainer_state.json").is_file() else path
 
 
 class HubPusher:
@@ -94,11 +107,12 @@ class HubPusher:
         """The checkpoint folder name being uploaded (rotation must not delete it), if any."""
         return self.pending_name if self.busy() else None
 
-    def push_checkpoint(self, checkpoint: Path) -> None:
-        """Start the uploads of one save, unless the previous save is still uploading. Returns at once."""
+    def push_checkpoint(self, checkpoint: Path, queue: bool = False) -> None:
+        """Start the uploads of one save, unless the previous save is still uploading (queue: a stop's own
+        checkpoint, pushed right after it, in order). Returns at once."""
         if self.strategy == "end":
             return
-        if self.busy():
+        if self.busy() and not queue:
             self.log(
                 f"Hub: the previous upload is still running; {checkpoint.name} is not pushed (the next save is)"
             )
@@ -109,7 +123,7 @@ class HubPusher:
             uploads.append((checkpoint, "last-checkpoint", message, None, ["*"]))
         elif self.strategy == "all_checkpoints":
             uploads.append((checkpoint, checkpoint.name, message, None, None))
-        self._start(uploads, checkpoint.name)
+        self._start(uploads, checkpoint.name, after=self.pending if self.busy() else None)
 
     # --- at the end or at a stop
 
@@ -126,7 +140,7 @@ class HubPusher:
             self.log(f"Pushed to https://huggingface.co/{self.repo_id}")
         return ok
 
-    def wait(self, what: str = "the pending upload", deadline: float | None = None) -> bool:
+    def wait(self, what: str = "the pending upload", deadline: float | None = None, key: str = "hub_upload_timeout") -> bool:  # fmt: skip
         """Block until the pending uploads end or the deadline (default: `timeout` from now) passes, showing
         progress. False if still running then: the upload thread does not keep the process alive."""
         deadline = time.monotonic() + self.timeout if deadline is None else deadline
@@ -135,8 +149,8 @@ class HubPusher:
             left = deadline - time.monotonic()
             if left <= 0:
                 self.log(
-                    f"Hub: {what} is still uploading after {time.monotonic() - start:.0f} s (hub_upload_timeout "
-                    f"{self.timeout:g} s); giving up. The files are on disk: `hf upload {self.repo_id} <folder>` "
+                    f"Hub: {what} is still uploading after {time.monotonic() - start:.0f} s ({key} "
+                    f"{deadline - start:.0f} s); giving up. The files are on disk: `hf upload {self.repo_id} <folder>` "
                     "pushes them."
                 )
                 return False
@@ -151,13 +165,19 @@ class HubPusher:
 
     # --- helpers
 
-    def _start(self, uploads: list[tuple], name: str) -> None:
-        """Run `uploads` in order on a daemon thread: training goes on, and a stalled network never keeps
-        the process from exiting once `wait` has given up (huggingface_hub's run_as_future pool would)."""
+    def _start(self, uploads: list[tuple], name: str, after: Future | None = None) -> None:
+        """Run `uploads` in order on a daemon thread (after the upload `after`, so commits land in order):
+        training goes on, and a stalled network never keeps the process from exiting once `wait` has given
+        up (huggingface_hub's run_as_future pool would)."""
         future: Future = Future()
 
         def run() -> None:
             try:
+                if after is not None:
+                    try:
+                        after.result()
+                    except BaseException:
+                        pass  # its failure was the previous push's; this one goes ahead
                 for folder, path_in_repo, message, ignore, delete in uploads:
                     self.api.upload_folder(
                         repo_id=self.repo_id, folder_path=str(folder), path_in_repo=path_in_repo,

@@ -230,7 +230,8 @@ def check_resume(accelerator: Accelerator, cfg: RunConfig, model, data: Prepared
         checkpoint = find_checkpoint(
             cfg.resume_from_checkpoint,
             Path(cfg.output_dir),
-            lambda repo: download_last_checkpoint(repo, cfg.hub_token),
+            lambda repo, missing_ok=False: download_last_checkpoint(repo, cfg.hub_token, missing_ok),
+            cfg.hub_model_id,
         )
     if checkpoint is None:
         return None
@@ -480,16 +481,20 @@ def verify_export(folder: Path, model) -> float:
     return float(diff)
 
 
-def stop_run(accelerator: Accelerator, hub: HubPusher | None, code: int, message: str) -> None:
-    """Say why, wait for the pending upload (if pushing), exit. The main process carries the exit code; the
-    others leave with 0 first, since a launcher kills every process once one fails, the upload with it."""
+def stop_run(accelerator: Accelerator, hub: HubPusher | None, code: int, message: str, timeout: float | None = None) -> None:  # fmt: skip
+    """Say why, wait for the pending upload (if pushing; at most `timeout` s, default hub_upload_timeout), exit.
+    The main process carries the exit code; the others leave with 0 first, since a launcher kills every
+    process once one fails, the upload with it."""
     accelerator.print(message)
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         accelerator.end_training()
         sys.exit(0)
     if hub is not None:
-        hub.wait("the last checkpoint")
+        if timeout is None:
+            hub.wait("the last checkpoint")
+        else:
+            hub.wait("the last checkpoint", time.monotonic() + timeout, "hub_stop_timeout")
     accelerator.end_training()
     sys.exit(code)
 
@@ -503,6 +508,8 @@ def resume_hint(argv: list[str] | None, num_processes: int) -> str:
             args[i] = arg.split("=", 1)[0] + "=<your token>"
     command = " ".join(a for a in args if a)
     launcher = "accelerate launch <the same launch options> " if num_processes > 1 else "python "
+    if "--resume_from_checkpoint auto" in command or "--resume_from_checkpoint=auto" in command:
+        return f"{launcher}{command}"  # the same command resumes
     return f"{launcher}{command} --resume_from_checkpoint latest"
 
 
@@ -624,7 +631,16 @@ def describe_run(cfg: RunConfig, n_params: int, vocab: int, world: int) -> str:
 
 
 def save(
-    accelerator, model, cfg: RunConfig, state, data: PreparedData, log, results, hub, stream_loader
+    accelerator,
+    model,
+    cfg: RunConfig,
+    state,
+    data: PreparedData,
+    log,
+    results,
+    hub,
+    stream_loader,
+    stopping=False,
 ) -> Path:
     """A checkpoint (every process), then its push to the Hub in the background (main process)."""
     # A stream's position is its loader's own state, one per process (map-style data: the step count says it).
@@ -637,7 +653,7 @@ def save(
         card_writer(cfg, data, log, results), uploading=hub.uploading() if hub else None,
     )  # fmt: skip
     if hub is not None:
-        hub.push_checkpoint(path)
+        hub.push_checkpoint(path, queue=stopping)
     return path
 
 
@@ -784,13 +800,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if is_save or stopping:
             with meter.paused():
                 results = run_results(state, meter, {**last_eval, **last_hellaswag}, data, n_params)
-                path = save(
-                    accelerator, model, cfg, state, data, log, results, hub, train_dl if streaming else None
-                )
+                stream_loader = train_dl if streaming else None
+                path = save(accelerator, model, cfg, state, data, log, results, hub, stream_loader, stopping)
         if stopping:
             progress.close()
             stop_run(accelerator, hub, 128 + (stop.received or signal.SIGTERM),
-                     f"\nStopped by signal at step {step}; saved {path}.\nResume with: {resume_hint(argv, world)}")  # fmt: skip
+                     f"\nStopped by signal at step {step}; saved {path}.\nResume with: {resume_hint(argv, world)}",
+                     cfg.hub_stop_timeout)  # fmt: skip
     progress.close()
 
     # --- finish

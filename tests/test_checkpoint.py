@@ -66,6 +66,49 @@ def test_find_checkpoint_latest_path_hub_and_errors(tmp_path):
     assert asked == ["someone/run"] and found.name == "checkpoint-5"
 
 
+def test_auto_resumes_the_newest_local_then_the_hub_else_starts_fresh(tmp_path):
+    never = lambda repo, missing_ok=False: pytest.fail("no download expected")  # noqa: E731
+    make_checkpoints(tmp_path / "run", [5, 10])
+    assert find_checkpoint("auto", tmp_path / "run", never, "someone/run").name == "checkpoint-10"
+    assert find_checkpoint("auto", tmp_path / "empty", never) is None  # no hub_model_id: a fresh start
+    asked = []
+
+    def hub(repo, missing_ok=False):
+        asked.append((repo, missing_ok))
+        return None if repo == "someone/new" else tmp_path / "run" / "checkpoint-5"
+
+    assert find_checkpoint("auto", tmp_path / "empty", hub, "someone/new") is None  # nothing on the Hub yet
+    assert find_checkpoint("auto", tmp_path / "empty", hub, "someone/run").name == "checkpoint-5"
+    assert asked == [("someone/new", True), ("someone/run", True)]
+
+
+def test_auto_never_starts_fresh_when_the_hub_does_not_answer(monkeypatch):
+    """Only a repo (or last-checkpoint) that does not exist is a fresh start; an unreachable Hub is an error,
+    or a spot machine with a network hiccup would overwrite the run's progress with a new run."""
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    from recipe import hub
+
+    class Api:
+        def __init__(self, err):
+            self.err = err
+
+        def snapshot_download(self, **kwargs):
+            raise self.err
+
+    missing = RepositoryNotFoundError.__new__(
+        RepositoryNotFoundError
+    )  # (its __init__ wants an HTTP response)
+    Exception.__init__(missing, "404: no such repo")
+    monkeypatch.setattr(hub, "make_api", lambda token=None: Api(missing))
+    assert hub.download_last_checkpoint("someone/new", missing_ok=True) is None
+    with pytest.raises(ConfigError, match="no last-checkpoint"):
+        hub.download_last_checkpoint("someone/new")
+    monkeypatch.setattr(hub, "make_api", lambda token=None: Api(ConnectionError("no route to host")))
+    with pytest.raises(ConfigError, match="cannot be downloaded from the Hub"):
+        hub.download_last_checkpoint("someone/run", missing_ok=True)
+
+
 @pytest.mark.parametrize(
     "saved,world,streaming,expected",
     [

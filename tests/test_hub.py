@@ -146,8 +146,10 @@ def test_training_goes_on_while_an_upload_hangs_then_fails_and_a_later_save_resu
     # it, must not stop for the failure, and later saves and the final folder must still be pushed.
     (standin / "block_until").write_text(str(out / "checkpoint-6" / "trainer_state.json"))
     (standin / "fail").touch()
+    # "auto" with nothing local and nothing on the Hub yet: a fresh start.
     proc = run_train(out, standin, "--max_steps", "10", "--save_steps", "2", "--eval_steps", "10",
-                     "--hub_strategy", "checkpoint", "--save_total_limit", "2")  # fmt: skip
+                     "--hub_strategy", "checkpoint", "--save_total_limit", "2", "--resume_from_checkpoint", "auto",
+                     "--hub_model_id", "tester/pushed")  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     rows = hub_standin.records()
     first = rows[0]
@@ -160,9 +162,10 @@ def test_training_goes_on_while_an_upload_hangs_then_fails_and_a_later_save_resu
     remote = standin / "remote" / "tester" / "pushed"
     assert (remote / "last-checkpoint" / "trainer_state.json").is_file()
 
-    # Resume from the Hub repo id in a fresh output_dir: the stand-in serves what was pushed.
+    # Resume in a fresh output_dir with "auto": no local checkpoint, so hub_model_id's last-checkpoint (the
+    # stand-in serves what was pushed).
     again = run_train(tmp_path / "elsewhere", standin, "--max_steps", "12", "--save_steps", "100",
-                      "--eval_steps", "100", "--resume_from_checkpoint", "tester/pushed",
+                      "--eval_steps", "100", "--resume_from_checkpoint", "auto", "--hub_model_id", "tester/pushed",
                       "--hub_strategy", "end", "--resume_new_schedule", "true")  # fmt: skip
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
     resumed_at = json.loads((remote / "last-checkpoint" / "trainer_state.json").read_text())["global_step"]
@@ -187,6 +190,25 @@ def test_sigterm_waits_for_the_pending_upload(standin, tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, stdout[-3000:]
     assert "Stopped by signal" in stdout
     assert done(hub_standin.records()), "the pending upload never finished"
+    # The stop's own checkpoint was queued behind the blocked upload, not dropped, and landed after it.
+    stopped_at = max(int(p.name.split("-")[-1]) for p in out.glob("checkpoint-*"))
+    messages = [r["message"] for r in done(hub_standin.records())]
+    assert messages[-1] == f"Training in progress, step {stopped_at}", messages
+
+
+def test_a_stop_waits_no_longer_than_hub_stop_timeout(standin, tmp_path):
+    out = tmp_path / "stopped"
+    (standin / "block").touch()  # the upload hangs (up to 120 s): the stop must not wait for it
+    proc = run_train(out, standin, "--max_steps", "100000", "--save_steps", "3", "--eval_steps", "100000",
+                     "--logging_steps", "1", "--hub_stop_timeout", "2", wait=False)  # fmt: skip
+    deadline = time.time() + 300
+    while not hub_standin.records() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    start = time.time()
+    stdout, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM and time.time() - start < 30, stdout[-3000:]
+    assert "still uploading after" in stdout and "(hub_stop_timeout 2 s); giving up" in stdout
 
 
 @pytest.mark.skipif(
