@@ -46,14 +46,19 @@ def make_api(token: str | None = None) -> HfApi:
     return getattr(importlib.import_module(module), name)(token=token)
 
 
-def download_last_checkpoint(repo_id: str, token: str | None = None, missing_ok: bool = False) -> Path | None:
+def download_last_checkpoint(
+    repo_id: str, token: str | None = None, missing_ok: bool = False, revision: str | None = None
+) -> Path | None:
     """A Hub repo's `last-checkpoint/` (pushed with hub_strategy checkpoint), downloaded once into the HF cache.
     missing_ok (resume_from_checkpoint auto): None where the repo or its last-checkpoint does not exist yet,
-    or the Hub is off (HF_HUB_OFFLINE); a Hub that does not answer is still an error, never a fresh start."""
+    or the Hub is off (HF_HUB_OFFLINE); a Hub that does not answer is still an error, never a fresh start.
+    `revision`: a commit, so that every node loads the snapshot the main process resolved."""
     from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
     try:
-        folder = make_api(token).snapshot_download(repo_id=repo_id, allow_patterns=["last-checkpoint/*"])
+        folder = make_api(token).snapshot_download(
+            repo_id=repo_id, allow_patterns=["last-checkpoint/*"], revision=revision
+        )
     except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as err:
         if missing_ok:
             return None

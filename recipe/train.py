@@ -226,13 +226,7 @@ def init_trackers(accelerator: Accelerator, cfg: RunConfig) -> None:
 def check_resume(accelerator: Accelerator, cfg: RunConfig, model, data: PreparedData, streaming: bool) -> Path | None:  # fmt: skip
     """Find the checkpoint to resume and check it fits this run (model, tokenizer, data, schedule, layout),
     before anything is written."""
-    with accelerator.local_main_process_first():  # a Hub checkpoint is downloaded once per node
-        checkpoint = find_checkpoint(
-            cfg.resume_from_checkpoint,
-            Path(cfg.output_dir),
-            lambda repo, missing_ok=False: download_last_checkpoint(repo, cfg.hub_token, missing_ok),
-            cfg.hub_model_id,
-        )
+    checkpoint = resolve_checkpoint(accelerator, cfg)
     if checkpoint is None:
         return None
     check_model_matches(checkpoint, model.config)
@@ -254,6 +248,81 @@ def check_resume(accelerator: Accelerator, cfg: RunConfig, model, data: Prepared
         )
         cfg.gradient_accumulation_steps = accelerator.gradient_accumulation_steps = accum
     return checkpoint
+
+
+def resolve_checkpoint(accelerator: Accelerator, cfg: RunConfig) -> Path | None:
+    """The main process picks the checkpoint (a local folder, or a Hub snapshot: its commit); every process
+    then loads exactly that one, or the run stops in one line naming the process that cannot see it. Each
+    process listing output_dir itself could pick another "latest" (an NFS attribute cache hides a rename),
+    and each node downloading the Hub repo itself another snapshot."""
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    used: list[str] = []
+
+    def download(repo: str, missing_ok: bool = False, revision: str | None = None) -> Path | None:
+        used.append(repo)
+        return download_last_checkpoint(repo, cfg.hub_token, missing_ok, revision)
+
+    choice: list[Any] = [None, None, None, None]  # path, Hub repo, Hub commit, the main process's error
+    if accelerator.is_main_process:
+        try:
+            found = find_checkpoint(
+                cfg.resume_from_checkpoint, Path(cfg.output_dir), download, cfg.hub_model_id
+            )
+        except ConfigError as err:
+            if accelerator.num_processes == 1:
+                raise
+            found, choice[3] = None, str(err)  # every process stops with it, none waits for the others
+        if found is not None:
+            snapshot = found.parent  # the HF cache keeps a download in snapshots/<commit sha>/
+            commit = snapshot.name if used and snapshot.parent.name == "snapshots" else None
+            choice = [str(found), used[-1] if used else None, commit, None]
+    if accelerator.num_processes == 1:
+        return None if choice[0] is None else Path(choice[0])
+    broadcast_object_list(choice)
+    where, repo, commit, error = choice
+    if error is not None:
+        raise ConfigError(error)
+    if where is None:
+        return None
+    path = Path(where)
+    if not (path / "trainer_state.json").is_file() and repo is not None:  # another node: the same commit
+        with accelerator.local_main_process_first():
+            path = download(repo, revision=commit)
+    blind = [
+        rank for rank, seen in enumerate(gather_object([(path / "trainer_state.json").is_file()])) if not seen
+    ]
+    if blind:
+        raise ConfigError(
+            f"resume_from_checkpoint: process(es) {blind} cannot see {where}, the checkpoint the main process "
+            "resumes; with several nodes, put output_dir on a filesystem every node mounts"
+        )
+    return path
+
+
+def check_resumed_alike(accelerator: Accelerator, model, state: dict, data: PreparedData) -> None:
+    """After loading, every process holds the same step, weights (a float64 checksum; under FSDP each holds
+    its own shard), tokenizer and data, or the run stops in one line: ranks on different steps would hang,
+    ranks with different weights would diverge silently."""
+    if accelerator.num_processes == 1:
+        return
+    from accelerate.utils import gather_object
+
+    from recipe.tokenizer import tokenizer_fingerprint
+
+    checksum = None
+    if accelerator.distributed_type != DistributedType.FSDP:
+        with torch.no_grad():
+            checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
+    mine = (state["global_step"], checksum, tokenizer_fingerprint(data.tokenizer), data.fingerprint)
+    every = gather_object([mine])
+    differ = [rank for rank, theirs in enumerate(every) if theirs != every[0]]
+    if differ:
+        raise ConfigError(
+            f"resume_from_checkpoint: process(es) {differ} resumed another state than process 0 (step, weights "
+            f"checksum, tokenizer, data: {every[differ[0]][:2]} against {every[0][:2]}); every process must "
+            "see the same checkpoint and data"
+        )
 
 
 def resume(accelerator: Accelerator, checkpoint: Path | None, train_dl, schedulers) -> dict[str, Any]:
@@ -723,6 +792,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     init_trackers(accelerator, cfg)
     state = resume(accelerator, checkpoint, train_dl, schedulers)
+    if checkpoint is not None:
+        check_resumed_alike(accelerator, model, state, data)
     accum = cfg.gradient_accumulation_steps
     state.update(layout(cfg, accelerator, train_dl, data))
     batches = micro_batches(train_dl, state, accum, accelerator)

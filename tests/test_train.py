@@ -503,3 +503,33 @@ def test_a_resume_refuses_another_tokenizer_data_or_schedule_in_one_line(full_ru
     old, extended = (schedule_curve(load_config(["--config", TINY, *args]))[1] for args in ([], new))
     assert [lrs[s] for s in (15, 20, 25)] == pytest.approx([extended[s] for s in (15, 20, 25)], rel=1e-6)
     assert lrs[15] != pytest.approx(old[15], rel=1e-2)
+
+
+@pytest.fixture(scope="module")
+def two_process_checkpoint(tmp_path_factory) -> Path:
+    """checkpoint-2 of a 2-process run."""
+    out = tmp_path_factory.mktemp("two-processes")
+    launch(out, "--max_steps", "2", "--save_steps", "2", "--eval_steps", "100", processes=2)
+    return out / "checkpoint-2"
+
+
+@pytest.mark.parametrize("view", ["phantom", "weights"])
+def test_every_process_resumes_the_checkpoint_the_main_process_chose(two_process_checkpoint, tmp_path, view):
+    """Two processes whose views differ (tests/views_differ.py): rank 1 lists a newer checkpoint rank 0 cannot
+    see, which it must not load; or rank 1's weights differ after loading, which stops the run in one line."""
+    out = tmp_path / "run"
+    out.mkdir()
+    subprocess.run(["cp", "-r", str(two_process_checkpoint), str(out)], check=True)
+    command = launch_command(out, "--max_steps", "4", "--save_steps", "100", "--eval_steps", "100",
+                             "--resume_from_checkpoint", "latest", "--resume_new_schedule", "true", processes=2)  # fmt: skip
+    command[command.index(str(ROOT / "recipe" / "train.py"))] = str(ROOT / "tests" / "views_differ.py")
+    proc = subprocess.run(
+        command, env={**ENV, "RECIPE_VIEW": view}, capture_output=True, text=True, timeout=600
+    )
+    if view == "phantom":
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert json.loads((out / "all_results.json").read_text())["global_step"] == 4
+    else:
+        assert (
+            proc.returncode != 0 and "process(es) [1] resumed another state than process 0" in proc.stderr
+        ), proc.stderr[-3000:]

@@ -1,0 +1,38 @@
+"""train.py with rank 1's view of the run made to differ (tests/test_train.py's resume agreement test).
+
+RECIPE_VIEW=phantom   rank 1's listing of output_dir shows a newer checkpoint-999 that rank 0 cannot see
+                      (an NFS attribute cache out of date): the main process's choice is what loads
+RECIPE_VIEW=weights   rank 1's weights differ after loading: the run stops in one line
+"""
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import recipe.checkpoint  # noqa: E402
+import recipe.train  # noqa: E402
+
+view, rank = os.environ["RECIPE_VIEW"], int(os.environ.get("RANK", "0"))
+if rank == 1 and view == "phantom":
+    listing = recipe.checkpoint.list_checkpoints
+    recipe.checkpoint.list_checkpoints = lambda folder: [*listing(folder), Path(folder) / "checkpoint-999"]
+if rank == 1 and view == "weights":
+    loaded = recipe.train.resume
+
+    def resume_then_differ(accelerator, *args, **kwargs):
+        state = loaded(accelerator, *args, **kwargs)
+        model = accelerator._models[0]
+        with __import__("torch").no_grad():
+            next(model.parameters()).add_(1e-3)
+        return state
+
+    recipe.train.resume = resume_then_differ
+sys.argv = [str(ROOT / "recipe" / "train.py"), *sys.argv[1:]]
+try:
+    recipe.train.main()
+except recipe.train.ConfigError as err:  # as train.py's __main__ does
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(2)
