@@ -67,6 +67,10 @@ TEXT = Value("large_string")  # 64-bit offsets: no 2 GiB limit on the text in on
 TEXT_FILE_FEATURES = Features({"text": TEXT, "path": Value("string"), "replaced": Value("int64")})
 STREAM_VALIDATION_MAX_DOCUMENTS = 10_000  # a stream's hold-out: enough for a stable loss, not 5% of the web
 STREAM_SHUFFLE_BUFFER = 10_000  # blocks
+# A worker's state holds its shuffle buffer (~40 MB for 10,000 blocks of 1,024 tokens): it is sent to the
+# loader every n batches, n chosen so that this many bytes per batch are sent on average. A resume re-reads
+# the batches since the last transfer; the read-so-far counts (`consumed`) lag by as many.
+STREAM_STATE_BYTES_PER_BATCH = 1 << 20
 TOKENIZE_BATCH_DOCUMENTS = 256  # per map batch and per written arrow chunk: bounds a tokenizer's memory
 MIN_BYTES_PER_WORKER = 4 << 20  # less text than this tokenizes faster than a worker process starts
 HOLD_OUT_BUCKETS = 1_000_000  # a document is held out when the hash of its text falls in the first share
@@ -621,9 +625,11 @@ class PackedStream(TorchIterableDataset):
     joined by eos), except that each DataLoader worker cuts its own shards' stream. The position is saved
     and restored, never replayed: `state_dict()` is the document stream's own `datasets` state before the
     document being cut, the tokens carried over from the documents before it and how many blocks were cut
-    from it, as plain Python values. A resume re-reads that one document; the blocks that were waiting in
-    the shuffle buffer are not restored (they are not trained on in that epoch). The state also counts what
-    was read in this epoch (documents, bytes, tokens, blocks): `StreamLoader.consumed()`.
+    from it, as plain Python values, plus the blocks cut but not yet delivered (the shuffle buffer, a token
+    tensor) and the shuffle's RNG state. A resume re-reads that one document and goes on exactly as the
+    uninterrupted stream would: every block of the epoch is delivered once, across any number of resumes.
+    Everything loads with `torch.load(weights_only=True)`. The state also counts what was read in this
+    epoch (documents, bytes, tokens, blocks): `StreamLoader.consumed()`.
     """
 
     def __init__(
@@ -639,7 +645,9 @@ class PackedStream(TorchIterableDataset):
         self.tokenizer = tokenizer
         self.block_size = block_size
         self.seed = seed
-        self._position: dict | None = None  # where the blocks yielded so far end
+        self._position: dict | None = None  # where the blocks cut so far end
+        self._buffer: list[np.ndarray] = []  # cut, not yet delivered
+        self._rng: np.random.Generator | None = None
         self._resume: dict | None = None
 
     @property
@@ -651,8 +659,17 @@ class PackedStream(TorchIterableDataset):
 
     def state_dict(self) -> dict:
         # A loaded position stands until this worker cuts a block: a checkpoint taken before then keeps it.
-        position = self._resume or self._position or {"docs": None, "carry": [], "cut": 0, **_NO_COUNTS}
-        return {**position, "epoch": self.epoch}
+        if self._resume is not None:
+            return {**self._resume, "epoch": self.epoch}
+        position = self._position or {"docs": None, "carry": [], "cut": 0, **_NO_COUNTS}
+        buffer = np.stack(self._buffer) if self._buffer else np.zeros((0, self.block_size + 1))
+        rng = self._rng.bit_generator.state if self._rng is not None else None
+        return {
+            **position,
+            "epoch": self.epoch,
+            "buffer": torch.from_numpy(buffer.astype(np.int32)),
+            "rng": rng,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.set_epoch(state["epoch"])
@@ -670,6 +687,10 @@ class PackedStream(TorchIterableDataset):
         worker = get_worker_info()
         rng = np.random.default_rng([self.seed, self.epoch, worker.id if worker else 0])
         buffer: list[np.ndarray] = []
+        if state is not None and state.get("rng") is not None:  # older checkpoints saved no buffer
+            rng.bit_generator.state = state["rng"]
+            buffer = [row.astype(dtype) for row in state["buffer"].numpy()]
+        self._buffer, self._rng = buffer, rng
         for doc in docs:
             tokenized = _tokenize({"text": [doc["text"]]}, tokenizer=self.tokenizer, eos_id=eos)
             ids = tokenized["input_ids"][0]  # ends with eos
@@ -767,7 +788,8 @@ def train_dataloader(data: PreparedData, cfg: RunConfig, pin_memory: bool = Fals
         "pin_memory": pin_memory,
     }
     if isinstance(data.train, PackedStream):
-        return StreamLoader(data.train, **kwargs)
+        every = max(1, STREAM_SHUFFLE_BUFFER * (cfg.block_size + 1) * 4 // STREAM_STATE_BYTES_PER_BATCH)
+        return StreamLoader(data.train, snapshot_every_n_steps=every, **kwargs)
     return DataLoader(data.train, shuffle=True, **kwargs)
 
 

@@ -171,13 +171,10 @@ def test_streams_hold_out_and_resume_on_two_processes_with_two_workers(tmp_path)
         again = consumed & set(first) & set(resumed)
         assert len(again) <= 2, sorted(again)
         assert set(first) | set(resumed) == set().union(*map(set, reads(tmp_path, "full", rank).values()))
-        # What differs from the uninterrupted run: the blocks in each worker's shuffle buffer at the stop are
-        # not trained in this epoch, and each worker's last partial batch (dropped) holds other blocks.
-        full_blocks = Counter(map(json.dumps, result["full"]))
-        got = Counter(map(json.dumps, result["first"] + result["resume"]))
-        extra, missing = sum((got - full_blocks).values()), sum((full_blocks - got).values())
-        assert extra <= 2 * (BATCH - 1), extra
-        assert 0 < missing <= 2 * BUFFER + 2 * (BATCH - 1), missing
+        # Nothing differs from the uninterrupted run: the blocks in each worker's shuffle buffer at the stop
+        # and the shuffle's RNG were saved with the position, so every block comes once, in the same order.
+        assert result["first"] + result["resume"] == result["full"]
+        assert Counter(map(json.dumps, result["full"])).most_common(1)[0][1] == 1
 
 
 def test_a_stream_position_is_refused_where_it_cannot_continue(tmp_path):
@@ -230,7 +227,20 @@ def test_a_replayed_stream_saves_the_position_it_reached(tmp_path):
     replayed = train_dataloader(data, cfg)
     epoch, batch = next(micro_batches(replayed, {"global_step": 2}, 1, Accelerator(cpu=True)))
     assert epoch == 0 and torch.equal(batch["input_ids"], third["input_ids"])
-    assert replayed.state_dict() == reference.state_dict()
+    assert same(replayed.state_dict(), reference.state_dict())
+
+
+def same(a, b) -> bool:
+    """Equal states, tensors (a stream's shuffle buffer) compared by value."""
+    import torch
+
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
 
 
 def test_a_stream_every_rank_would_read_whole_is_one_warning_line(tmp_path, caplog):
