@@ -274,6 +274,8 @@ def check_model_matches(checkpoint: Path, config) -> None:
 
 
 SCHEDULE_KEYS = ("max_steps", "warmup_steps", "min_lr_ratio", "learning_rate", "muon_learning_rate")
+# Restored from the optimizer's saved param groups whatever the run says: a change would be silently dropped.
+OPTIMIZER_KEYS = ("optim", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "muon_momentum")
 
 
 def run_identity(cfg, data) -> dict[str, Any]:
@@ -282,7 +284,8 @@ def run_identity(cfg, data) -> dict[str, Any]:
     from recipe.tokenizer import tokenizer_fingerprint
 
     return {"tokenizer_fingerprint": tokenizer_fingerprint(data.tokenizer), "data_fingerprint": data.fingerprint,
-            "schedule": {k: getattr(cfg, k) for k in SCHEDULE_KEYS}}  # fmt: skip
+            "schedule": {k: getattr(cfg, k) for k in SCHEDULE_KEYS},
+            "optimizer": {k: getattr(cfg, k) for k in OPTIMIZER_KEYS}}  # fmt: skip
 
 
 def check_same_run(checkpoint: Path, saved: dict[str, Any], cfg, data) -> list[str]:
@@ -300,6 +303,14 @@ def check_same_run(checkpoint: Path, saved: dict[str, Any], cfg, data) -> list[s
     ]
     if changes and not cfg.resume_new_schedule:
         differ.append(f"the schedule ({', '.join(changes)}; --resume_new_schedule true runs the new one)")
+    optimizer = saved.get("optimizer", ours["optimizer"])
+    other = [
+        f"{k} {optimizer[k]} -> {v}"
+        for k, v in ours["optimizer"].items()
+        if k in optimizer and optimizer[k] != v
+    ]
+    if other:
+        differ.append(f"the optimizer settings ({', '.join(other)}: the checkpoint's are what would run)")
     if differ:
         raise ConfigError(
             f"resume_from_checkpoint: {' and '.join(differ)} differ from {checkpoint}'s; resume with the "

@@ -194,6 +194,12 @@ class RunConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}")
         if self.dataloader_num_workers < 0:
             raise ConfigError(f"dataloader_num_workers must be >= 0, got {self.dataloader_num_workers!r}")
+        if self.resume_from_checkpoint == "auto" and self.push_to_hub and self.hub_strategy != "checkpoint":
+            raise ConfigError(
+                f"resume_from_checkpoint auto with push_to_hub needs hub_strategy checkpoint (it is "
+                f"{self.hub_strategy}): only then does the Hub hold a last-checkpoint/ to resume, and without "
+                "one a new machine would start afresh and push over the run"
+            )
         if self.optim == "muon" and self.mixed_precision == "fp16":
             # accelerate's GradScaler updates after each optimizer: the second would step on unscaled gradients.
             raise ConfigError("optim muon with mixed_precision fp16 is not supported: use bf16 (or no)")

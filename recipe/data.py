@@ -128,18 +128,29 @@ def prepare_data(
             identity = _stream_identity(cfg, splits["train"])
             train = PackedStream(docs, tokenizer, cfg.block_size, cfg.seed, identity)
             train_summary = SplitSummary(0, 0, 0, 0, 0)
-            fingerprint = Hasher.hash([identity, splits["validation"]._fingerprint])
+            fingerprint = None
         else:
             train, train_summary = _blocks(splits["train"], tokenizer, cfg, "train", _key(cfg, "train"))
-            fingerprint = Hasher.hash([splits["train"]._fingerprint, splits["validation"]._fingerprint])
+            fingerprint, identity = _content_fingerprint(splits["train"], train_summary), None
         validation, summary = _blocks(
             splits["validation"], tokenizer, cfg, "validation", _key(cfg, "validation")
         )
     summaries = {"train": train_summary, "validation": summary}
+    # What a resume compares: the content, never paths, mtimes or cache keys (another node's copy of the
+    # same files, or the corpus extracted again, is the same data). A stream: its source's identity.
+    fingerprint = Hasher.hash([fingerprint or identity, _content_fingerprint(splits["validation"], summary)])
     return PreparedData(tokenizer, train, validation, summaries, source, fingerprint)
 
 
 # --- loading documents: every source ends as splits with one "text" column -------------------------------
+
+
+def _content_fingerprint(docs: Dataset, summary: SplitSummary) -> str:
+    """The split's documents and bytes, and the text of a few documents spread over it: the content, apart
+    from the tokenizer (compared on its own)."""
+    n = len(docs)
+    picks = sorted({0, n // 3, 2 * n // 3, max(n - 1, 0)}) if n else []
+    return Hasher.hash([summary.documents, summary.bytes, [docs[i]["text"] for i in picks]])
 
 
 def _stream_identity(cfg: RunConfig, stream: IterableDataset) -> str:

@@ -51,14 +51,25 @@ def download_last_checkpoint(
 ) -> Path | None:
     """A Hub repo's `last-checkpoint/` (pushed with hub_strategy checkpoint), downloaded once into the HF cache.
     missing_ok (resume_from_checkpoint auto): None where the repo or its last-checkpoint does not exist yet,
-    or the Hub is off (HF_HUB_OFFLINE); a Hub that does not answer is still an error, never a fresh start.
+    (a 404); a Hub that does not answer (huggingface_hub's LocalEntryNotFoundError) is an error, never a
+    fresh start.
     `revision`: a commit, so that every node loads the snapshot the main process resolved."""
-    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     try:
         folder = make_api(token).snapshot_download(
             repo_id=repo_id, allow_patterns=["last-checkpoint/*"], revision=revision
         )
+    except LocalEntryNotFoundError as err:  # what a connection error becomes: never "nothing there yet"
+        raise ConfigError(
+            f"resume_from_checkpoint: the Hub did not answer for {repo_id} ({err}); with no local checkpoint "
+            "the run will not start afresh over a run that may be on the Hub: retry when it answers"
+        ) from None
     except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as err:
         if missing_ok:
             return None

@@ -229,6 +229,30 @@ def check_resume(accelerator: Accelerator, cfg: RunConfig, model, data: Prepared
     checkpoint = resolve_checkpoint(accelerator, cfg)
     if checkpoint is None:
         return None
+    # Every process checks; one that refuses stops them all (a process raising alone would leave the others
+    # waiting in the next collective).
+    return collectively(
+        accelerator, lambda: check_checkpoint(accelerator, cfg, model, data, streaming, checkpoint)
+    )
+
+
+def collectively(accelerator: Accelerator, check):
+    """check()'s result, or its ConfigError raised on every process if it raised on any."""
+    from accelerate.utils import gather_object
+
+    error, result = None, None
+    try:
+        result = check()
+    except ConfigError as err:
+        error = str(err)
+    errors = gather_object([error]) if accelerator.num_processes > 1 else [error]
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise ConfigError(first)
+    return result
+
+
+def check_checkpoint(accelerator: Accelerator, cfg: RunConfig, model, data, streaming: bool, checkpoint: Path) -> Path:  # fmt: skip
     check_model_matches(checkpoint, model.config)
     saved = read_state(checkpoint)
     changes = check_same_run(checkpoint, saved, cfg, data)
@@ -408,11 +432,13 @@ class StopSignal:
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self.at: float | None = None  # time.monotonic() of the first signal: a stop's waits count from it
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
         self.received = signum
+        self.at = self.at or time.monotonic()
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
@@ -563,7 +589,7 @@ def stop_run(accelerator: Accelerator, hub: HubPusher | None, code: int, message
         if timeout is None:
             hub.wait("the last checkpoint")
         else:
-            hub.wait("the last checkpoint", time.monotonic() + timeout, "hub_stop_timeout")
+            hub.wait("the last checkpoint", time.monotonic() + max(timeout, 0.0), "hub_stop_timeout")
     accelerator.end_training()
     sys.exit(code)
 
@@ -851,7 +877,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if is_log:
             row = meter.row(step, state, schedulers[0].get_last_lr()[0], grad_norm)
             log_row(accelerator, log, row, progress, "train")
-        if is_eval:
+        if is_eval and not (
+            stopping and step < cfg.max_steps
+        ):  # a stop saves first: the grace period is short
             with meter.paused():  # evaluation time is not training throughput
                 # The final evaluation scores the whole validation split; the ones along the way a fixed subset.
                 whole = step == cfg.max_steps or "along" not in eval_dls
@@ -877,7 +905,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             progress.close()
             stop_run(accelerator, hub, 128 + (stop.received or signal.SIGTERM),
                      f"\nStopped by signal at step {step}; saved {path}.\nResume with: {resume_hint(argv, world)}",
-                     cfg.hub_stop_timeout)  # fmt: skip
+                     cfg.hub_stop_timeout - (time.monotonic() - (stop.at or time.monotonic())))  # fmt: skip
     progress.close()
 
     # --- finish

@@ -107,6 +107,14 @@ def test_auto_never_starts_fresh_when_the_hub_does_not_answer(monkeypatch):
     monkeypatch.setattr(hub, "make_api", lambda token=None: Api(ConnectionError("no route to host")))
     with pytest.raises(ConfigError, match="cannot be downloaded from the Hub"):
         hub.download_last_checkpoint("someone/run", missing_ok=True)
+    # What snapshot_download raises for a connection error or a 5xx: an EntryNotFoundError subclass.
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    monkeypatch.setattr(
+        hub, "make_api", lambda token=None: Api(LocalEntryNotFoundError("connection refused"))
+    )
+    with pytest.raises(ConfigError, match="the Hub did not answer"):
+        hub.download_last_checkpoint("someone/run", missing_ok=True)
 
 
 @pytest.mark.parametrize(

@@ -137,3 +137,12 @@ def test_an_unset_hub_private_repo_keeps_the_namespace_default(monkeypatch):
     for argv in ([], ["--hub_private_repo", "true"], ["--hub_private_repo", "false"]):
         hub.HubPusher.from_config(load_config(["--output_dir", "/tmp/x", *argv]), log=lambda m: None)
     assert [c["private"] for c in calls] == [None, True, False]
+
+
+def test_auto_resume_with_push_needs_the_checkpoint_strategy():
+    """Only hub_strategy checkpoint pushes last-checkpoint/: with another, auto would start a new machine
+    afresh and push over the run."""
+    with pytest.raises(ConfigError, match="needs hub_strategy checkpoint"):
+        load_config(["--resume_from_checkpoint", "auto", "--push_to_hub", "true"])
+    load_config(["--resume_from_checkpoint", "auto", "--push_to_hub", "true", "--hub_strategy", "checkpoint"])
+    load_config(["--resume_from_checkpoint", "auto"])  # local checkpoints only

@@ -166,7 +166,7 @@ def test_training_goes_on_while_an_upload_hangs_then_fails_and_a_later_save_resu
     # stand-in serves what was pushed).
     again = run_train(tmp_path / "elsewhere", standin, "--max_steps", "12", "--save_steps", "100",
                       "--eval_steps", "100", "--resume_from_checkpoint", "auto", "--hub_model_id", "tester/pushed",
-                      "--hub_strategy", "end", "--resume_new_schedule", "true")  # fmt: skip
+                      "--hub_strategy", "checkpoint", "--resume_new_schedule", "true")  # fmt: skip
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
     resumed_at = json.loads((remote / "last-checkpoint" / "trainer_state.json").read_text())["global_step"]
     assert f"at step {resumed_at}" in again.stdout + again.stderr

