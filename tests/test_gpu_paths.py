@@ -242,3 +242,6 @@ def test_a_streamed_two_process_run_resumes_from_each_ranks_own_position(tmp_pat
     assert "Resumed from" in proc.stdout + proc.stderr
     assert json.loads((resumed / "all_results.json").read_text())["global_step"] == 4
     assert "streamed:" in (resumed / "README.md").read_text()
+    # The stream went on with the blocks the uninterrupted run trained (its shuffle buffers were saved): the
+    # same weights at the end.
+    assert max_weight_diff(resumed, first) < 1e-6
