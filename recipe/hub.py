@@ -53,7 +53,8 @@ def download_last_checkpoint(
     missing_ok (resume_from_checkpoint auto): None where the repo or its last-checkpoint does not exist yet,
     (a 404); a Hub that does not answer (huggingface_hub's LocalEntryNotFoundError) is an error, never a
     fresh start.
-    `revision`: a commit, so that every node loads the snapshot the main process resolved."""
+    `revision`: a commit, so that every node loads the snapshot the main process resolved; without one, the
+    repo's current commit, asked of the Hub (never a cached snapshot of an older one)."""
     from huggingface_hub.errors import (
         EntryNotFoundError,
         LocalEntryNotFoundError,
@@ -61,8 +62,13 @@ def download_last_checkpoint(
         RevisionNotFoundError,
     )
 
+    api = make_api(token)
     try:
-        folder = make_api(token).snapshot_download(
+        if (
+            revision is None
+        ):  # asked of the Hub itself: snapshot_download would fall back to an older cached copy
+            revision = api.repo_info(repo_id).sha
+        folder = api.snapshot_download(
             repo_id=repo_id, allow_patterns=["last-checkpoint/*"], revision=revision
         )
     except LocalEntryNotFoundError as err:  # what a connection error becomes: never "nothing there yet"

@@ -2,8 +2,8 @@
 
 What stays the real HfApi's: `run_as_future` and its worker thread, and upload_folder's choice of files
 (`_prepare_upload_folder_additions`, with the allow/ignore patterns). What is replaced: whoami, create_repo, the online check of a README's metadata,
-the upload itself (the xet pipeline or create_commit), and snapshot_download, which reads back what was
-"pushed". Train.py picks it up with RECIPE_HUB_API=hub_standin:RecordingHfApi (tests/ on PYTHONPATH).
+the upload itself (the xet pipeline or create_commit), repo_info, and snapshot_download, which reads back
+what was "pushed". Train.py picks it up with RECIPE_HUB_API=hub_standin:RecordingHfApi (tests/ on PYTHONPATH).
 
 Controlled through files in $RECIPE_HUB_STANDIN (so a training subprocess and the test agree):
   commits.jsonl       one row per upload: folder, path_in_repo, files, message, and what happened
@@ -89,6 +89,19 @@ class RecordingHfApi(HfApi):
         _record(self.folder, {**row, "event": "done"})
         return CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/0", commit_message=commit_message,
                           commit_description="", oid="0" * 40)  # fmt: skip
+
+    def repo_info(self, repo_id, **kwargs):
+        from types import SimpleNamespace
+
+        from huggingface_hub.errors import RepositoryNotFoundError
+
+        if not (self.folder / "remote" / repo_id).exists():
+            missing = RepositoryNotFoundError.__new__(
+                RepositoryNotFoundError
+            )  # (its __init__ wants a response)
+            Exception.__init__(missing, f"stand-in: no repo {repo_id}")
+            raise missing
+        return SimpleNamespace(sha=None)  # the stand-in keeps no history
 
     def snapshot_download(self, repo_id, allow_patterns=None, **kwargs) -> str:
         remote = self.folder / "remote" / repo_id

@@ -93,6 +93,9 @@ def test_auto_never_starts_fresh_when_the_hub_does_not_answer(monkeypatch):
         def __init__(self, err):
             self.err = err
 
+        def repo_info(self, repo_id):
+            raise self.err
+
         def snapshot_download(self, **kwargs):
             raise self.err
 
