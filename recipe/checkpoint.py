@@ -284,7 +284,7 @@ def run_identity(cfg, data) -> dict[str, Any]:
     from recipe.tokenizer import tokenizer_fingerprint
 
     return {"tokenizer_fingerprint": tokenizer_fingerprint(data.tokenizer), "data_fingerprint": data.fingerprint,
-            "schedule": {k: getattr(cfg, k) for k in SCHEDULE_KEYS},
+            "dataset_revision": cfg.dataset_revision, "schedule": {k: getattr(cfg, k) for k in SCHEDULE_KEYS},
             "optimizer": {k: getattr(cfg, k) for k in OPTIMIZER_KEYS}}  # fmt: skip
 
 
@@ -294,8 +294,16 @@ def check_same_run(checkpoint: Path, saved: dict[str, Any], cfg, data) -> list[s
     ours = run_identity(cfg, data)
     differ = [
         what
-        for key, what in [("tokenizer_fingerprint", "the tokenizer"), ("data_fingerprint", "the data")]
-        if saved.get(key, ours[key]) != ours[key]  # checkpoints written before these were saved: not checked
+        for key, what in [
+            ("tokenizer_fingerprint", "the tokenizer"),
+            ("data_fingerprint", "the data"),
+            (
+                "dataset_revision",
+                f"the dataset's commit (resume with --dataset_revision {saved.get('dataset_revision')})",
+            ),
+        ]  # fmt: skip
+        # not checked: what a checkpoint written before these were saved lacks, or a commit not resolved
+        if saved.get(key) is not None and ours[key] is not None and saved[key] != ours[key]
     ]
     schedule = saved.get("schedule", ours["schedule"])
     changes = [

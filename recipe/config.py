@@ -48,6 +48,9 @@ class RunConfig:
     # --- data ---
     dataset_name: str | None = None  # a Hub dataset; None with no train_files: the default corpus
     dataset_config_name: str | None = None
+    # a commit of the dataset repo; None: the main process resolves the current one at the start (recorded in
+    # run_config.yaml and every checkpoint), so every process and every resume reads the same snapshot
+    dataset_revision: str | None = None
     train_files: list[str] | None = None
     validation_files: list[str] | None = None
     text_column: str = "text"

@@ -161,7 +161,8 @@ def _stream_identity(cfg: RunConfig, stream: IterableDataset) -> str:
         if cfg.train_files
         else []
     )
-    return Hasher.hash([cfg.dataset_name, cfg.dataset_config_name, cfg.text_column, files, stream.num_shards])
+    source = [cfg.dataset_name, cfg.dataset_config_name, cfg.text_column, files, stream.num_shards]
+    return Hasher.hash(source + [cfg.dataset_revision] if cfg.dataset_revision else source)
 
 
 def _key(cfg: RunConfig, split: str) -> str:
@@ -415,8 +416,9 @@ def _hub_documents(cfg: RunConfig) -> tuple[dict, str]:
     name = cfg.dataset_name + (f" ({cfg.dataset_config_name})" if cfg.dataset_config_name else "")
     try:
         loaded = load_dataset(
-            cfg.dataset_name, cfg.dataset_config_name, streaming=cfg.streaming, cache_dir=_cache(cfg)
-        )
+            cfg.dataset_name, cfg.dataset_config_name, streaming=cfg.streaming, cache_dir=_cache(cfg),
+            revision=cfg.dataset_revision,
+        )  # fmt: skip
     except Exception as err:  # not found, offline, gated, bad config name...
         raise ConfigError(f"dataset_name: cannot load {name}: {err}") from err
     if "train" not in loaded:
@@ -439,6 +441,7 @@ def _stream_documents(
     source = {
         "dataset_name": cfg.dataset_name,
         "dataset_config_name": cfg.dataset_config_name,
+        "dataset_revision": cfg.dataset_revision,
         "train_files": cfg.train_files,
         "text_column": cfg.text_column,
         "cache": _cache(cfg),
@@ -463,6 +466,7 @@ def _stream_head(source: dict, take: int | None, split: str, hold_out: dict | No
             split=split,
             streaming=True,
             cache_dir=source["cache"],
+            revision=source["dataset_revision"],
         )
         stream = _text_column(stream, source["text_column"], source["dataset_name"])
     else:

@@ -57,7 +57,7 @@ from recipe.checkpoint import (
     skip_weights_in_save_state,
 )
 from recipe.config import ConfigError, RunConfig, available_cores, gpt_config, load_config
-from recipe.hub import HubPusher, download_last_checkpoint
+from recipe.hub import HubPusher, download_last_checkpoint, make_api
 from recipe.metrics import JsonlLog, bits_per_byte, flops_per_token, perplexity, results_table, run_peak_flops
 from recipe.model_card import write_model_card
 from recipe.optim import build_optimizers, make_schedule, schedule_curve
@@ -180,6 +180,28 @@ def build_model(cfg: RunConfig, tokenizer) -> GPTForCausalLM:
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable()
     return model
+
+
+def pin_dataset_revision(cfg: RunConfig, accelerator: Accelerator) -> None:
+    """A Hub dataset is read at one commit: the main process asks the Hub for the current one (unless
+    dataset_revision names it) and every process uses that, so a push to the dataset mid-launch cannot give
+    nodes different data; it is saved in run_config.yaml and compared on resume. Offline: left unset."""
+    if not cfg.dataset_name or cfg.dataset_revision:
+        return
+    from accelerate.utils import broadcast_object_list
+    from huggingface_hub import constants
+
+    revision = [None]
+    if accelerator.is_main_process and not constants.HF_HUB_OFFLINE:
+        try:
+            revision = [make_api(cfg.hub_token).dataset_info(cfg.dataset_name).sha]
+        except Exception as err:  # load_dataset says what is wrong with the name or the network
+            accelerator.print(
+                f"dataset_name: could not resolve {cfg.dataset_name}'s commit ({type(err).__name__})"
+            )
+    if accelerator.num_processes > 1:
+        broadcast_object_list(revision)
+    cfg.dataset_revision = revision[0]
 
 
 def check_output_dir(cfg: RunConfig) -> None:
@@ -800,6 +822,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     # --- data: prepared once per node (local main process first), the others read its caches
     from recipe.data import prepare_data
+
+    pin_dataset_revision(cfg, accelerator)
 
     data = prepare_data(cfg, accelerator.local_main_process_first, accelerator.process_index, world)
     train_dl, eval_dls = dataloaders(data, cfg, accelerator.device)

@@ -344,3 +344,38 @@ def test_flops_per_token_counts_every_matmul_weight(architecture):
     )  # head included
     attention = 12 * config.num_hidden_layers * config.hidden_size * 32
     assert flops_per_token(config, 32) == 6 * weights + attention
+
+
+def test_a_hub_dataset_is_read_at_one_commit_recorded_and_compared(monkeypatch, tmp_path):
+    """The main process resolves the dataset's commit; it reaches load_dataset and the checkpoint, and a resume
+    at another commit is refused, naming the one to pin."""
+    from types import SimpleNamespace
+
+    import huggingface_hub
+
+    import recipe.data as data_module
+    from recipe import train
+    from recipe.checkpoint import check_same_run, run_identity
+    from recipe.config import RunConfig
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(train, "make_api", lambda token=None: SimpleNamespace(dataset_info=lambda name: SimpleNamespace(sha="abc123")))  # fmt: skip
+    cfg = RunConfig(dataset_name="someone/corpus", cache_dir=str(tmp_path))
+    train.pin_dataset_revision(cfg, SimpleNamespace(is_main_process=True, num_processes=1, print=print))
+    assert cfg.dataset_revision == "abc123"
+    asked = {}
+
+    def load_dataset(*args, **kwargs):
+        asked.update(kwargs)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(data_module, "load_dataset", load_dataset)
+    with pytest.raises(ConfigError):
+        data_module._hub_documents(cfg)
+    assert asked["revision"] == "abc123"
+    data = SimpleNamespace(tokenizer=None, fingerprint="f")
+    monkeypatch.setattr("recipe.tokenizer.tokenizer_fingerprint", lambda tok: "t")
+    saved = run_identity(cfg, data)
+    cfg.dataset_revision = "def456"
+    with pytest.raises(ConfigError, match="the dataset's commit \\(resume with --dataset_revision abc123\\)"):
+        check_same_run(tmp_path, saved, cfg, data)
