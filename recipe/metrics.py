@@ -131,7 +131,7 @@ def results_table(results: dict[str, float], vocab_size: int) -> str:
             )
         )
     rows.append(("train loss (mean over the run)", f"{results['train_loss']:.4f}", ""))
-    if "train_loss_last_window" in results:
+    if results.get("train_loss_last_window") is not None:
         window = results["train_loss_last_window_steps"]
         rows.append((f"train loss (last {window} step{'s' * (window != 1)})", f"{results['train_loss_last_window']:.4f}", ""))  # fmt: skip
     return markdown_table(rows)
