@@ -130,7 +130,8 @@ def results_table(results: dict[str, float], vocab_size: int) -> str:
                 f"{bits_per_byte(baseline, results['eval_bytes_per_token']):.4f}",
             )
         )
-    rows.append(("train loss (mean over the run)", f"{results['train_loss']:.4f}", ""))
+    mean = results["train_loss"]
+    rows.append(("train loss (mean over the run)", "n/a" if mean is None else f"{mean:.4f}", ""))
     if results.get("train_loss_last_window") is not None:
         window = results["train_loss_last_window_steps"]
         rows.append((f"train loss (last {window} step{'s' * (window != 1)})", f"{results['train_loss_last_window']:.4f}", ""))  # fmt: skip

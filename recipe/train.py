@@ -544,7 +544,9 @@ def run_results(state, meter: Meter, last_eval: dict, data: PreparedData, n_para
     """What all_results.json, the model card and the table hold. train_loss is the mean over every logged step
     of the run, resumed parts included (Trainer's meaning); the last log window's mean is beside it."""
     return {
-        "train_loss": state.get("train_loss_sum", 0.0) / max(state.get("train_loss_steps", 0), 1),
+        "train_loss": state["train_loss_sum"] / state["train_loss_steps"]
+        if state.get("train_loss_steps")
+        else None,
         "train_loss_last_window": meter.train_loss if meter.window else None,  # None: nothing logged yet
         "train_loss_last_window_steps": meter.window,
         **last_eval,
