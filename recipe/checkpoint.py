@@ -283,7 +283,7 @@ def run_identity(cfg, data) -> dict[str, Any]:
     every checkpoint; `check_same_run` compares them)."""
     from recipe.tokenizer import tokenizer_fingerprint
 
-    return {"tokenizer_fingerprint": tokenizer_fingerprint(data.tokenizer), "data_fingerprint": data.fingerprint,
+    return {"tokenizer_fingerprint": tokenizer_fingerprint(data.tokenizer), "data_content_fingerprint": data.fingerprint,
             "dataset_revision": cfg.dataset_revision, "schedule": {k: getattr(cfg, k) for k in SCHEDULE_KEYS},
             "optimizer": {k: getattr(cfg, k) for k in OPTIMIZER_KEYS}}  # fmt: skip
 
@@ -296,7 +296,7 @@ def check_same_run(checkpoint: Path, saved: dict[str, Any], cfg, data) -> list[s
         what
         for key, what in [
             ("tokenizer_fingerprint", "the tokenizer"),
-            ("data_fingerprint", "the data"),
+            ("data_content_fingerprint", "the data"),
             (
                 "dataset_revision",
                 f"the dataset's commit (resume with --dataset_revision {saved.get('dataset_revision')})",

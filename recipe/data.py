@@ -67,9 +67,10 @@ TEXT = Value("large_string")  # 64-bit offsets: no 2 GiB limit on the text in on
 TEXT_FILE_FEATURES = Features({"text": TEXT, "path": Value("string"), "replaced": Value("int64")})
 STREAM_VALIDATION_MAX_DOCUMENTS = 10_000  # a stream's hold-out: enough for a stable loss, not 5% of the web
 STREAM_SHUFFLE_BUFFER = 10_000  # blocks
-# A worker's state holds its shuffle buffer (~40 MB for 10,000 blocks of 1,024 tokens): it is sent to the
-# loader every n batches, n chosen so that this many bytes per batch are sent on average. A resume re-reads
-# the batches since the last transfer; the read-so-far counts (`consumed`) lag by as many.
+# A worker's state holds its shuffle buffer (~20 MB for 10,000 blocks of 1,024 uint16 tokens): it is sent to
+# the loader every n batches, n chosen so that about this many bytes per batch are sent on average (torchdata
+# sends a worker's state for a window of num_workers x (prefetch_factor + 1) + 1 batches around each snapshot
+# step). A resume re-reads the batches since the last transfer; `consumed` counts lag by as many.
 STREAM_STATE_BYTES_PER_BATCH = 1 << 20
 TOKENIZE_BATCH_DOCUMENTS = 256  # per map batch and per written arrow chunk: bounds a tokenizer's memory
 MIN_BYTES_PER_WORKER = 4 << 20  # less text than this tokenizes faster than a worker process starts
@@ -677,14 +678,11 @@ class PackedStream(TorchIterableDataset):
         if self._resume is not None:
             return {**self._resume, "epoch": self.epoch}
         position = self._position or {"docs": None, "carry": [], "cut": 0, **_NO_COUNTS}
+        # uint16 (2 bytes a token) up to 65,536 tokens, else int32: both load with weights_only=True
+        dtype = np.uint16 if _token_type(self.tokenizer) == "uint16" else np.int32
         buffer = np.stack(self._buffer) if self._buffer else np.zeros((0, self.block_size + 1))
         rng = self._rng.bit_generator.state if self._rng is not None else None
-        return {
-            **position,
-            "epoch": self.epoch,
-            "buffer": torch.from_numpy(buffer.astype(np.int32)),
-            "rng": rng,
-        }
+        return {**position, "epoch": self.epoch, "buffer": torch.from_numpy(buffer.astype(dtype)), "rng": rng}
 
     def load_state_dict(self, state: dict) -> None:
         self.set_epoch(state["epoch"])
@@ -803,7 +801,14 @@ def train_dataloader(data: PreparedData, cfg: RunConfig, pin_memory: bool = Fals
         "pin_memory": pin_memory,
     }
     if isinstance(data.train, PackedStream):
-        every = max(1, STREAM_SHUFFLE_BUFFER * (cfg.block_size + 1) * 4 // STREAM_STATE_BYTES_PER_BATCH)
+        state_bytes = (
+            STREAM_SHUFFLE_BUFFER
+            * (cfg.block_size + 1)
+            * (2 if _token_type(data.tokenizer) == "uint16" else 4)
+        )
+        workers = cfg.dataloader_num_workers
+        window = workers * (2 + 1) + 1 if workers else 1  # torchdata's default prefetch_factor is 2
+        every = max(1, math.ceil(state_bytes * window / STREAM_STATE_BYTES_PER_BATCH))
         return StreamLoader(data.train, snapshot_every_n_steps=every, **kwargs)
     return DataLoader(data.train, shuffle=True, **kwargs)
 

@@ -182,11 +182,15 @@ def build_model(cfg: RunConfig, tokenizer) -> GPTForCausalLM:
     return model
 
 
-def pin_dataset_revision(cfg: RunConfig, accelerator: Accelerator) -> None:
-    """A Hub dataset is read at one commit: the main process asks the Hub for the current one (unless
-    dataset_revision names it) and every process uses that, so a push to the dataset mid-launch cannot give
-    nodes different data; it is saved in run_config.yaml and compared on resume. Offline: left unset."""
+def pin_dataset_revision(cfg: RunConfig, accelerator: Accelerator, checkpoint: Path | None = None) -> None:
+    """A Hub dataset is read at one commit: a resumed run's checkpoint's, else the current one, which the main
+    process asks the Hub for (unless dataset_revision names one), and every process uses that, so a push to
+    the dataset mid-launch cannot give nodes different data; it is saved in run_config.yaml and every
+    checkpoint. Offline: left unset."""
     if not cfg.dataset_name or cfg.dataset_revision:
+        return
+    if checkpoint is not None and read_state(checkpoint).get("dataset_revision"):
+        cfg.dataset_revision = read_state(checkpoint)["dataset_revision"]
         return
     from accelerate.utils import broadcast_object_list
     from huggingface_hub import constants
@@ -245,10 +249,9 @@ def init_trackers(accelerator: Accelerator, cfg: RunConfig) -> None:
 # ----------------------------------------------------------------------------- resume
 
 
-def check_resume(accelerator: Accelerator, cfg: RunConfig, model, data: PreparedData, streaming: bool) -> Path | None:  # fmt: skip
-    """Find the checkpoint to resume and check it fits this run (model, tokenizer, data, schedule, layout),
-    before anything is written."""
-    checkpoint = resolve_checkpoint(accelerator, cfg)
+def check_resume(accelerator: Accelerator, cfg: RunConfig, model, data: PreparedData, streaming: bool, checkpoint: Path | None) -> Path | None:  # fmt: skip
+    """Check the checkpoint to resume fits this run (model, tokenizer, data, schedule, layout), before
+    anything is written."""
     if checkpoint is None:
         return None
     # Every process checks; one that refuses stops them all (a process raising alone would leave the others
@@ -265,8 +268,8 @@ def collectively(accelerator: Accelerator, check):
     error, result = None, None
     try:
         result = check()
-    except ConfigError as err:
-        error = str(err)
+    except Exception as err:  # a partial copy's bad JSON too: every process stops, none waits
+        error = str(err) if isinstance(err, ConfigError) else f"{type(err).__name__}: {err}"
     errors = gather_object([error]) if accelerator.num_processes > 1 else [error]
     first = next((e for e in errors if e is not None), None)
     if first is not None:
@@ -298,9 +301,9 @@ def check_checkpoint(accelerator: Accelerator, cfg: RunConfig, model, data, stre
 
 def resolve_checkpoint(accelerator: Accelerator, cfg: RunConfig) -> Path | None:
     """The main process picks the checkpoint (a local folder, or a Hub snapshot: its commit); every process
-    then loads exactly that one, or the run stops in one line naming the process that cannot see it. Each
-    process listing output_dir itself could pick another "latest" (an NFS attribute cache hides a rename),
-    and each node downloading the Hub repo itself another snapshot."""
+    then loads exactly that one, or every process stops with one line. Each process listing output_dir itself
+    could pick another "latest" (an NFS attribute cache hides a rename), and each node downloading the Hub
+    repo itself another snapshot. Every process enters the same collectives on every path, errors included."""
     from accelerate.utils import broadcast_object_list, gather_object
 
     used: list[str] = []
@@ -315,10 +318,13 @@ def resolve_checkpoint(accelerator: Accelerator, cfg: RunConfig) -> Path | None:
             found = find_checkpoint(
                 cfg.resume_from_checkpoint, Path(cfg.output_dir), download, cfg.hub_model_id
             )
-        except ConfigError as err:
+        except Exception as err:  # an OSError from a bad mount too: every process stops with it
             if accelerator.num_processes == 1:
                 raise
-            found, choice[3] = None, str(err)  # every process stops with it, none waits for the others
+            found, choice[3] = (
+                None,
+                str(err) if isinstance(err, ConfigError) else f"{type(err).__name__}: {err}",
+            )
         if found is not None:
             snapshot = found.parent  # the HF cache keeps a download in snapshots/<commit sha>/
             commit = snapshot.name if used and snapshot.parent.name == "snapshots" else None
@@ -331,13 +337,21 @@ def resolve_checkpoint(accelerator: Accelerator, cfg: RunConfig) -> Path | None:
         raise ConfigError(error)
     if where is None:
         return None
-    path = Path(where)
-    if not (path / "trainer_state.json").is_file() and repo is not None:  # another node: the same commit
-        with accelerator.local_main_process_first():
-            path = download(repo, revision=commit)
-    blind = [
-        rank for rank, seen in enumerate(gather_object([(path / "trainer_state.json").is_file()])) if not seen
-    ]
+    path, problem = Path(where), None
+    need = repo is not None and not (path / "trainer_state.json").is_file()  # another node: the same commit
+    with accelerator.local_main_process_first():  # a barrier over all processes: every one enters it
+        if need:
+            try:
+                path = download(repo, revision=commit)
+            except Exception as err:
+                problem = f"{type(err).__name__}: {err}"
+    reports = gather_object([(problem, (path / "trainer_state.json").is_file())])
+    failed = next((p for p, _ in reports if p is not None), None)
+    if failed is not None:
+        raise ConfigError(
+            f"resume_from_checkpoint: a process could not download {repo} at {commit}: {failed}"
+        )
+    blind = [rank for rank, (_, seen) in enumerate(reports) if not seen]
     if blind:
         raise ConfigError(
             f"resume_from_checkpoint: process(es) {blind} cannot see {where}, the checkpoint the main process "
@@ -347,7 +361,7 @@ def resolve_checkpoint(accelerator: Accelerator, cfg: RunConfig) -> Path | None:
 
 
 def check_resumed_alike(accelerator: Accelerator, model, state: dict, data: PreparedData) -> None:
-    """After loading, every process holds the same step, weights (a float64 checksum; under FSDP each holds
+    """After loading, every process holds the same step, weights (an integer sum of their bits; under FSDP each holds
     its own shard), tokenizer and data, or the run stops in one line: ranks on different steps would hang,
     ranks with different weights would diverge silently."""
     if accelerator.num_processes == 1:
@@ -358,8 +372,13 @@ def check_resumed_alike(accelerator: Accelerator, model, state: dict, data: Prep
 
     checksum = None
     if accelerator.distributed_type != DistributedType.FSDP:
+        # The weights' bits summed as integers: exact and order-free on any device (NaN weights compare too).
+        ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
         with torch.no_grad():
-            checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
+            bits = [
+                p.detach().contiguous().view(ints[p.element_size()]).long().sum() for p in model.parameters()
+            ]
+            checksum = int(sum(bits))
     mine = (state["global_step"], checksum, tokenizer_fingerprint(data.tokenizer), data.fingerprint)
     every = gather_object([mine])
     differ = [rank for rank, theirs in enumerate(every) if theirs != every[0]]
@@ -825,7 +844,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # --- data: prepared once per node (local main process first), the others read its caches
     from recipe.data import prepare_data
 
-    pin_dataset_revision(cfg, accelerator)
+    checkpoint = resolve_checkpoint(accelerator, cfg)  # before the data: a Hub dataset's commit comes from it
+    pin_dataset_revision(cfg, accelerator, checkpoint)
 
     data = prepare_data(cfg, accelerator.local_main_process_first, accelerator.process_index, world)
     train_dl, eval_dls = dataloaders(data, cfg, accelerator.device)
@@ -833,7 +853,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     # --- model, optimizers, schedules, resume
     model = build_model(cfg, data.tokenizer)
-    checkpoint = check_resume(accelerator, cfg, model, data, streaming)
+    checkpoint = check_resume(accelerator, cfg, model, data, streaming, checkpoint)
     n_params = sum(p.numel() for p in model.parameters())
     optimizers = build_optimizers(model, cfg, accelerator.device.type)
     schedulers = [make_schedule(opt, cfg) for opt in optimizers]

@@ -379,3 +379,8 @@ def test_a_hub_dataset_is_read_at_one_commit_recorded_and_compared(monkeypatch, 
     cfg.dataset_revision = "def456"
     with pytest.raises(ConfigError, match="the dataset's commit \\(resume with --dataset_revision abc123\\)"):
         check_same_run(tmp_path, saved, cfg, data)
+    # Resuming with nothing pinned reads the checkpoint's commit, whatever the Hub's head is now.
+    (tmp_path / "trainer_state.json").write_text(json.dumps(saved))
+    resumed = RunConfig(dataset_name="someone/corpus", cache_dir=str(tmp_path))
+    train.pin_dataset_revision(resumed, SimpleNamespace(is_main_process=True, num_processes=1), tmp_path)
+    assert resumed.dataset_revision == "abc123"
