@@ -189,9 +189,11 @@ def pin_dataset_revision(cfg: RunConfig, accelerator: Accelerator, checkpoint: P
     checkpoint. Offline: left unset."""
     if not cfg.dataset_name or cfg.dataset_revision:
         return
-    if checkpoint is not None and read_state(checkpoint).get("dataset_revision"):
-        cfg.dataset_revision = read_state(checkpoint)["dataset_revision"]
-        return
+    if checkpoint is not None:  # read by every process, a bad copy stopping all of them
+        saved = collectively(accelerator, lambda: read_state(checkpoint)).get("dataset_revision")
+        if saved:
+            cfg.dataset_revision = saved
+            return
     from accelerate.utils import broadcast_object_list
     from huggingface_hub import constants
 
@@ -338,14 +340,14 @@ def resolve_checkpoint(accelerator: Accelerator, cfg: RunConfig) -> Path | None:
     if where is None:
         return None
     path, problem = Path(where), None
-    need = repo is not None and not (path / "trainer_state.json").is_file()  # another node: the same commit
+    need = repo is not None and not visible(path)  # another node: the same commit
     with accelerator.local_main_process_first():  # a barrier over all processes: every one enters it
         if need:
             try:
                 path = download(repo, revision=commit)
             except Exception as err:
                 problem = f"{type(err).__name__}: {err}"
-    reports = gather_object([(problem, (path / "trainer_state.json").is_file())])
+    reports = gather_object([(problem, visible(path))])
     failed = next((p for p, _ in reports if p is not None), None)
     if failed is not None:
         raise ConfigError(
@@ -358,6 +360,14 @@ def resolve_checkpoint(accelerator: Accelerator, cfg: RunConfig) -> Path | None:
             "resumes; with several nodes, put output_dir on a filesystem every node mounts"
         )
     return path
+
+
+def visible(checkpoint: Path) -> bool:
+    """Whether this process can read the checkpoint's state file (a permission error is "no", not a raise)."""
+    try:
+        return (checkpoint / "trainer_state.json").is_file()
+    except OSError:
+        return False
 
 
 def check_resumed_alike(accelerator: Accelerator, model, state: dict, data: PreparedData) -> None:
