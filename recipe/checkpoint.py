@@ -29,7 +29,7 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 from transformers import GenerationConfig, PreTrainedModel
 
-from recipe.config import ConfigError
+from recipe.config import ConfigError, padding_ids
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -152,12 +152,14 @@ def load_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], as
         )
 
 
-def generation_config(config) -> GenerationConfig:
-    # No max_length: callers pass max_new_tokens, and both together warn. The context limit is in config.json.
+def generation_config(config, tokenizer=None) -> GenerationConfig:
+    """Sampling defaults; the vocabulary padding (ids past the tokenizer's) is suppressed: never generated.
+    No max_length: callers pass max_new_tokens, and both together warn. The context limit is in config.json."""
     return GenerationConfig(
         bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id,
         pad_token_id=config.pad_token_id,
+        suppress_tokens=padding_ids(config.vocab_size, tokenizer),
         **SAMPLING,
     )
 
@@ -174,7 +176,7 @@ def save_model_folder(
     if not is_main:
         return None
     saved = unsharded_copy(model, state_dict) if sharded else plain_model(model)
-    saved.generation_config = generation_config(saved.config)
+    saved.generation_config = generation_config(saved.config, tokenizer)
     saved.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
@@ -275,7 +277,15 @@ def check_model_matches(checkpoint: Path, config) -> None:
 
 SCHEDULE_KEYS = ("max_steps", "warmup_steps", "min_lr_ratio", "learning_rate", "muon_learning_rate")
 # Restored from the optimizer's saved param groups whatever the run says: a change would be silently dropped.
-OPTIMIZER_KEYS = ("optim", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "muon_momentum")
+OPTIMIZER_KEYS = (
+    "optim",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "muon_momentum",
+    "muon_split_fused",
+)
 
 
 def run_identity(cfg, data) -> dict[str, Any]:

@@ -28,6 +28,10 @@ class RunConfig:
     model_name_or_path: str | None = None
     trust_remote_code: bool = False  # run a model_name_or_path folder's own modeling code (ours needs none)
     vocab_size: int = 4096  # size of the trained BPE; ignored with tokenizer_name (the tokenizer decides)
+    # The model's embedding and head rows: the tokenizer's size rounded up to a multiple of this (1: none).
+    # Matmuls of a multiple of 64 run faster on GPUs (GPT-2's 50257 -> 50304); the extra ids are never generated
+    # (generation_config.suppress_tokens) and the metrics score only the tokenizer's own ids.
+    pad_vocab_size_to_multiple_of: int = 64
     hidden_size: int = 256
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
@@ -79,6 +83,8 @@ class RunConfig:
     optim: str = "adamw"  # or muon: Muon for the hidden matrices, AdamW (settings above) for the rest
     muon_learning_rate: float | None = None  # None: learning_rate (Muon's update is scaled to AdamW's RMS)
     muon_momentum: float = 0.95
+    # Orthogonalise fused matrices block by block (q, k, v of c_attn; gate, up of c_fc), as nanochat does
+    muon_split_fused: bool = False
     max_grad_norm: float = 1.0
     mixed_precision: str = "no"
     dataloader_num_workers: int = 0
@@ -129,6 +135,7 @@ class RunConfig:
     def validate(self) -> None:
         positive = [
             "vocab_size",
+            "pad_vocab_size_to_multiple_of",
             "block_size",
             "max_steps",
             "per_device_train_batch_size",
@@ -351,13 +358,24 @@ class TokenizerSize:
         return self.size
 
 
+def padded_vocab_size(tokenizer_size: int, multiple: int) -> int:
+    """The tokenizer's size rounded up to a multiple of `multiple` (the model's vocab_size)."""
+    return -(-tokenizer_size // multiple) * multiple
+
+
+def padding_ids(vocab_size: int, tokenizer: Any) -> list[int] | None:
+    """The model's ids beyond the tokenizer's (the vocabulary padding), which no text contains: what
+    generation_config.suppress_tokens lists so they are never generated. None when there are none."""
+    return None if tokenizer is None else list(range(len(tokenizer), vocab_size)) or None
+
+
 def gpt_config(cfg: RunConfig, tokenizer: Any):
     """The model configuration a run builds from scratch: the one home of the run-config -> GPTConfig mapping
     (train.py and bench.py both build their models from it)."""
     from recipe.configuration_gpt import GPTConfig
 
     config = GPTConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=padded_vocab_size(len(tokenizer), cfg.pad_vocab_size_to_multiple_of),
         max_position_embeddings=cfg.max_position_embeddings or cfg.block_size,
         hidden_size=cfg.hidden_size,
         num_hidden_layers=cfg.num_hidden_layers,

@@ -33,6 +33,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from recipe.config import padding_ids
 from recipe.configuration_gpt import GPTConfig
 
 MODEL_TYPE = GPTConfig.model_type
@@ -228,6 +229,9 @@ def export_model(
     stock = stock.to(model.dtype)
     if getattr(model, "generation_config", None) is not None:  # keep sampling defaults saved with the model
         stock.generation_config = copy.deepcopy(model.generation_config)
+    padding = padding_ids(stock_config.vocab_size, tokenizer)
+    if padding and not stock.generation_config.suppress_tokens:  # a model built here, never saved by a run
+        stock.generation_config.suppress_tokens = padding
     stock.save_pretrained(output_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(output_dir)

@@ -189,12 +189,15 @@ def evenly_spaced(items: list[Item], count: int | None) -> list[Item]:
 
 
 @torch.no_grad()
-def score(model, items: list[Item], items_per_batch: int = 8, progress: bool = False) -> dict[str, Any]:
+def score(
+    model, items: list[Item], items_per_batch: int = 8, progress: bool = False, vocab_size: int | None = None
+) -> dict[str, Any]:
     """acc, acc_norm and their standard errors over `items`, with every ending's log-likelihood.
 
     Every process must call it (a collective). The endings of an item share a forward batch; rows are padded
     on the right, where a causal model's padding cannot change the positions scored, so no attention mask is
-    needed and SDPA takes its causal kernel. A compiled model runs eagerly here (`force_eager`: the lengths
+    needed and SDPA takes its causal kernel. `vocab_size`: the tokenizer's, so the model's padded ids (rows
+    of the head past it) take no probability. A compiled model runs eagerly here (`force_eager`: the lengths
     vary, and recompiling for them would cost more than the forwards), inside its wrappers (FSDP's hooks sit
     on the compiled module)."""
     from accelerate import PartialState
@@ -218,7 +221,7 @@ def score(model, items: list[Item], items_per_batch: int = 8, progress: bool = F
         # number of forwards, which FSDP (a gather per layer and forward) needs.
         batch = mine[r] if r < len(mine) else batches[0]
         with torch.compiler.set_stance("force_eager"):
-            values = _loglikelihoods(model, [items[i] for i in batch], device)
+            values = _loglikelihoods(model, [items[i] for i in batch], device, vocab_size)
         if r < len(mine):
             logliks[batch.start : batch.stop] = values
     model.train(was_training)
@@ -238,7 +241,7 @@ def score(model, items: list[Item], items_per_batch: int = 8, progress: bool = F
             "acc_norm_stderr": stderr(acc_norm), "items": n, "logliks": logliks}  # fmt: skip
 
 
-def _loglikelihoods(model, items: list[Item], device: torch.device) -> torch.Tensor:
+def _loglikelihoods(model, items: list[Item], device: torch.device, vocab_size: int | None) -> torch.Tensor:
     """(items, endings): the summed log-probability of each ending's tokens, in fp32."""
     sequences = [s for item in items for s in item.sequences]
     longest = max(len(tokens) for tokens, _ in sequences) - 1
@@ -250,7 +253,7 @@ def _loglikelihoods(model, items: list[Item], device: torch.device) -> torch.Ten
         input_ids[row, : len(inputs)] = torch.tensor(inputs)
         if n_scored:
             labels[row, len(inputs) - n_scored : len(inputs)] = torch.tensor(tokens[-n_scored:])
-    logits = model(input_ids=input_ids.to(device), use_cache=False).logits
+    logits = model(input_ids=input_ids.to(device), use_cache=False).logits[..., :vocab_size]
     labels = labels.to(device)
     nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none")
     return -nll.view(labels.shape).sum(1).double().view(len(items), -1)

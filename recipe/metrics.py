@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -35,29 +36,67 @@ def flops_per_token(config: Any, seq_len: int) -> float:
     return 6 * n_matmul + 12 * layers * hidden * seq_len
 
 
-# Dense peak tensor-core FLOP/s by GPU name (bf16/fp16; TF32 is half), from the vendors' data sheets.
-_GPU_PEAK_BF16 = {
-    "H200": 989e12,
-    "H100": 989e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-    "A10G": 125e12,
-    "RTX 4090": 165e12,
-    "RTX 3090": 71e12,
-    "V100": 125e12,
-    "T4": 65e12,
-}
+# Dense (not 2:4 sparse) bf16 tensor-core peaks from the vendors' data sheets, FLOP/s per GPU, matched against
+# torch.cuda.get_device_name in this order (the first pattern that matches names the card). fp16 is the same;
+# fp32 matmuls run as TF32, half of it. A card not listed gets tokens/s and no MFU.
+GPU_PEAKS: list[tuple[str, str, float]] = [
+    (r"GH200", "GH200", 989e12),
+    (r"H200 NVL", "H200 NVL", 835e12),
+    (r"H200", "H200 SXM", 989e12),
+    (r"H100 NVL", "H100 NVL", 835e12),
+    (r"H100 PCIe", "H100 PCIe", 756e12),
+    (r"H100", "H100 SXM", 989e12),  # "NVIDIA H100 80GB HBM3"
+    (r"H800 PCIe", "H800 PCIe", 756e12),
+    (r"H800", "H800 SXM", 989e12),
+    (r"\bH20\b", "H20", 148e12),
+    (r"GB200", "GB200", 2500e12),
+    (r"B200", "B200", 2250e12),
+    (r"B100", "B100", 1750e12),
+    (r"A100|A800", "A100", 312e12),  # SXM and PCIe alike
+    (r"L40S", "L40S", 362e12),
+    (r"\bL40\b", "L40", 181e12),
+    (r"\bL4\b", "L4", 121e12),
+    (r"\bA10\b", "A10", 125e12),
+    (r"RTX A6000", "RTX A6000", 155e12),
+    (r"RTX 4090", "RTX 4090", 165e12),
+    (r"RTX 3090", "RTX 3090", 71e12),
+    (r"V100", "V100 (fp16)", 125e12),
+    (r"\bT4\b", "T4 (fp16)", 65e12),
+]
+
+
+def card_peak(device_name: str) -> tuple[str, float] | None:
+    """(the card it matched, dense bf16 FLOP/s) for a CUDA device name, or None for a card not listed."""
+    for pattern, card, peak in GPU_PEAKS:
+        if re.search(pattern, device_name):
+            return card, peak
+    return None
+
+
+def gpu_card(device: torch.device) -> tuple[str, float] | None:
+    """This GPU's entry in GPU_PEAKS, or None (not a GPU, or a card we have no data-sheet figure for)."""
+    return card_peak(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
 
 def gpu_peak_flops(device: torch.device, mixed_precision: str) -> float | None:
-    """One GPU's dense peak from its data sheet, or None (not a GPU, or one we have no figure for)."""
-    if device.type != "cuda":
+    """One GPU's dense peak from its data sheet at the run's precision, or None."""
+    found = gpu_card(device)
+    if found is None:
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, peak in _GPU_PEAK_BF16.items():
-        if key in name:
-            return peak if mixed_precision in ("bf16", "fp16") else peak / 2  # fp32 matmuls run as TF32
-    return None
+    return found[1] if mixed_precision in ("bf16", "fp16") else found[1] / 2  # fp32 matmuls run as TF32
+
+
+def describe_peak(device: torch.device, mixed_precision: str) -> str:
+    """What MFU is measured against, in one line."""
+    if device.type == "cpu":
+        return "MFU against this CPU's measured fp32 matmul rate"
+    found = gpu_card(device)
+    if found is None:
+        return f"MFU: n/a ({torch.cuda.get_device_name(device)} is not in recipe/metrics.py's GPU_PEAKS): tokens/s only"  # fmt: skip
+    tf32 = "" if mixed_precision in ("bf16", "fp16") else ", halved for TF32"
+    return (
+        f"MFU against the {found[0]}'s {found[1] / 1e12:,.0f} TFLOP/s (dense bf16, data sheet{tf32}) per GPU"
+    )
 
 
 def run_peak_flops(device: torch.device, mixed_precision: str, num_processes: int) -> float | None:

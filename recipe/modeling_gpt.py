@@ -33,6 +33,22 @@ from .configuration_gpt import GPTConfig
 _IS_CAUSAL_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3")
 
 
+def causal_lm_loss(
+    logits: torch.Tensor, shift_labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None
+) -> torch.Tensor:
+    """Cross-entropy of (B, T, V) logits against already-shifted (B, T) targets (-100 = ignore), in fp32,
+    as logsumexp(logits) - logits[target]: under torch.compile the fp32 upcast fuses into the two reductions
+    and the backward's softmax, so no fp32 (B, T, V) copy is made or kept (the logits themselves are the only
+    (B, T, V) tensor saved for backward). Sum over targets / num_items_in_batch, or their mean without it;
+    equal to `ForCausalLMLoss` on the same inputs."""
+    logits, targets = logits.flatten(0, 1), shift_labels.flatten()  # (B*T, V), (B*T,)
+    keep = targets.ne(-100)
+    target_logits = logits.gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1)  # (B*T,)
+    nll = (torch.logsumexp(logits.float(), dim=-1) - target_logits.float()) * keep
+    count = keep.sum() if num_items_in_batch is None else num_items_in_batch
+    return nll.sum() / count
+
+
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     """Plain attention, used for `attn_implementation="eager"`. q: (B, nh, T, hs), k/v: (B, nh, S, hs)."""
     attn_weights = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (B, nh, T, S)
@@ -360,6 +376,7 @@ class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
         num_items_in_batch: torch.Tensor | int | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        skip_logits: bool | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""
@@ -369,7 +386,13 @@ class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
         num_items_in_batch: total target tokens over the gradient-accumulation window; the loss becomes
             sum / num_items_in_batch instead of the micro-batch mean, so accumulated gradients are exact.
         logits_to_keep: int k > 0 computes logits for the last k positions only (generate uses 1).
+        skip_logits: return the loss only (`logits=None`), the name Trainer and liger-kernel use. The training
+            loop's forward: with logits in the output, a compiled graph must write the whole (B, T, V) tensor
+            (and accelerate's mixed precision an fp32 copy of it) and keep it alive until the next step. Needs
+            `labels` or `shift_labels`.
         """
+        if skip_logits and labels is None and shift_labels is None:
+            raise ValueError("skip_logits=True needs labels or shift_labels: the loss is all it returns")
         outputs: BaseModelOutputWithPast = self.transformer(
             input_ids,
             attention_mask=attention_mask,
@@ -383,7 +406,12 @@ class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden_states)  # (B, T', V)
 
         loss = None
-        if labels is not None or shift_labels is not None:
+        if skip_logits:
+            if shift_labels is None:  # HF labels: the target at t is the label at t + 1
+                shift_labels = nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+            loss = causal_lm_loss(logits, shift_labels, num_items_in_batch)
+            logits = None
+        elif labels is not None or shift_labels is not None:
             # ForCausalLMLoss: `.float()` is a no-op for fp32 logits, so no extra (B, T, V) copy is made.
             loss = self.loss_function(
                 logits=logits,

@@ -3,6 +3,7 @@ cosine to a floor)."""
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Any
@@ -67,10 +68,11 @@ def newton_schulz(grad: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype=t
 
 
 def newton_schulz_batched(
-    grads: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype=torch.float32
+    grads: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype=torch.float32, out_dtype=None
 ) -> torch.Tensor:
     """`newton_schulz` on a stack of same-shape matrices (N, m, n) at once: one batched matmul per iteration
-    instead of N small ones (nanochat's optim.py does the same, per shape)."""
+    instead of N small ones (nanochat's optim.py does the same, per shape). Returns `out_dtype` (default: the
+    input's)."""
     a, b, c = 3.4445, -4.7750, 2.0315
     x = grads.to(dtype)
     transposed = grads.size(-2) > grads.size(-1)
@@ -80,7 +82,14 @@ def newton_schulz_batched(
     for _ in range(steps):
         gram = x @ x.mT
         x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return (x.mT if transposed else x).to(grads.dtype)
+    return (x.mT if transposed else x).to(out_dtype or grads.dtype)
+
+
+@functools.cache
+def compiled_newton_schulz():
+    """`newton_schulz_batched` compiled: one graph per shape (a handful per model), not the dynamic-shape one
+    torch.compile switches to on a second shape."""
+    return torch.compile(newton_schulz_batched, dynamic=False, fullgraph=True)
 
 
 class Muon(torch.optim.Muon):
@@ -88,13 +97,27 @@ class Muon(torch.optim.Muon):
     in `ns_dtype`: fp32 on CPU, bf16 on GPUs. torch's `step` has no hook for the iteration, so it is redone
     here; the maths is torch's (Nesterov momentum, decoupled weight decay, `adjust_lr_fn` scaling).
 
-    `batched` (default): the updates of same-shape matrices are stacked and orthogonalised by one batched
-    iteration per shape; otherwise one matrix at a time. State per parameter (`momentum_buffer`) either way."""
+    - `batched` (default): the updates of same-shape matrices are stacked and orthogonalised by one batched
+      iteration per shape; otherwise one matrix at a time. State per parameter (`momentum_buffer`) either way.
+    - `compiled`: that batched iteration runs as one torch.compile graph per shape.
+    - `distributed`: every process orthogonalises its share of each shape's stack and the results are
+      all-gathered (nanochat, modded-nanogpt), instead of every process doing all of it. Needs the same
+      gradients on every process, as DDP leaves them; the update is the same as one process's.
+    - a param group's `split` k (fused matrices: q, k, v in `c_attn`; gate, up in `c_fc`): its matrices are
+      orthogonalised as k row blocks, each as if it were its own matrix (as nanochat and modded-nanogpt do)."""
 
-    def __init__(self, params, ns_dtype: torch.dtype = torch.float32, batched: bool = True, **kwargs):
+    def __init__(self, params, ns_dtype: torch.dtype = torch.float32, batched: bool = True,
+                 compiled: bool = False, distributed: bool = False, **kwargs):  # fmt: skip
         super().__init__(params, **kwargs)
-        self.ns_dtype = ns_dtype  # not part of the state: a property of the machine, not of the run
-        self.batched = batched
+        # Properties of the machine and launch, not of the run: none of them is in the state.
+        self.ns_dtype, self.batched, self.distributed = ns_dtype, batched, distributed
+        self.newton_schulz = compiled_newton_schulz() if compiled else newton_schulz_batched
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.shape[0] % group.get("split", 1):
+                    raise ValueError(
+                        f"Muon: {tuple(p.shape)} does not split into {group['split']} row blocks"
+                    )
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -103,7 +126,7 @@ class Muon(torch.optim.Muon):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, momentum = float(group["lr"]), group["momentum"]
+            lr, momentum, split = float(group["lr"]), group["momentum"], group.get("split", 1)
             params, updates = [], []
             for p in group["params"]:  # 1. momentum, per parameter
                 if p.grad is None:
@@ -114,10 +137,12 @@ class Muon(torch.optim.Muon):
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - momentum)
                 params.append(p)
-                updates.append(p.grad.lerp(buf, momentum) if group["nesterov"] else buf)
+                update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+                updates.extend(update.chunk(split))  # k row blocks: views
             updates = self._orthogonalise(updates, group["ns_steps"], group["eps"])  # 2. Newton-Schulz
-            for p, update in zip(params, updates):  # 3. decay and apply
-                rows, cols = p.shape
+            for i, p in enumerate(params):  # 3. decay and apply
+                update = torch.cat(updates[i * split : (i + 1) * split]) if split > 1 else updates[i]
+                rows, cols = p.shape[0] // split, p.shape[1]  # the scale of one block
                 if group["adjust_lr_fn"] == "match_rms_adamw":  # update RMS ~ AdamW's: reuse its lr and decay
                     scale = 0.2 * math.sqrt(max(rows, cols))
                 else:  # "original" (Keller Jordan)
@@ -134,12 +159,29 @@ class Muon(torch.optim.Muon):
             by_shape.setdefault(tuple(u.shape), []).append(i)
         out: list[torch.Tensor] = [None] * len(updates)  # type: ignore[list-item]
         for indices in by_shape.values():
-            stacked = newton_schulz_batched(
-                torch.stack([updates[i] for i in indices]), steps, eps, self.ns_dtype
-            )
+            stacked = torch.stack([updates[i] for i in indices])  # (N, m, n)
+            if self.distributed:
+                stacked = self._share_and_gather(stacked, steps, eps)
+            else:
+                stacked = self.newton_schulz(stacked, steps, eps, self.ns_dtype)
             for i, o in zip(indices, stacked.unbind(0)):
                 out[i] = o
         return out
+
+    def _share_and_gather(self, stacked: torch.Tensor, steps: int, eps: float) -> torch.Tensor:
+        """This process orthogonalises matrices [rank * k, (rank + 1) * k) of the N (k = ceil(N / world),
+        the stack padded with zeros to world * k), then every process gathers all of them, in ns_dtype (bf16
+        on GPUs: half the bytes of the fp32 updates)."""
+        import torch.distributed as dist
+
+        world, rank = dist.get_world_size(), dist.get_rank()
+        n, k = stacked.shape[0], -(-stacked.shape[0] // world)
+        padded = torch.cat([stacked, stacked.new_zeros((world * k - n, *stacked.shape[1:]))]) if world * k > n else stacked  # fmt: skip
+        mine = self.newton_schulz(padded[rank * k : (rank + 1) * k], steps, eps, self.ns_dtype, self.ns_dtype)
+        gathered = mine.new_empty((world * k, *stacked.shape[1:]))
+        all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # torch < 2.13
+        all_gather(gathered, mine.contiguous())
+        return gathered[:n].to(stacked.dtype)
 
 
 def refuse_sharded(model: torch.nn.Module) -> None:
@@ -155,13 +197,38 @@ def refuse_sharded(model: torch.nn.Module) -> None:
         )
 
 
-def build_optimizers(model: torch.nn.Module, cfg: RunConfig, device_type: str) -> list[torch.optim.Optimizer]:
+def fused_blocks(model: torch.nn.Module) -> dict[int, int]:
+    """id(weight) -> row blocks of our fused matrices: `c_attn` holds q, k, v (3); a gated `c_fc` gate and up
+    (2). Found by the modules' attributes, so a model loaded from a folder's own code counts too."""
+    model = getattr(model, "module", model)
+    blocks = {}
+    for module in model.modules():
+        if hasattr(module, "c_attn") and hasattr(module, "num_heads"):
+            blocks[id(module.c_attn.weight)] = 3
+        if getattr(module, "gated", False) and hasattr(module, "c_fc"):
+            blocks[id(module.c_fc.weight)] = 2
+    return blocks
+
+
+def muon_param_groups(params: list[torch.nn.Parameter], model: torch.nn.Module, split: bool) -> list[dict]:
+    """One group, or with `split` one per number of row blocks (Muon's `split`)."""
+    if not split:
+        return [{"params": params}]
+    blocks = fused_blocks(model)
+    groups: dict[int, list[torch.nn.Parameter]] = {}
+    for p in params:
+        groups.setdefault(blocks.get(id(p), 1), []).append(p)
+    return [{"params": ps, "split": k} for k, ps in sorted(groups.items())]
+
+
+def build_optimizers(model: torch.nn.Module, cfg: RunConfig, device_type: str, num_processes: int = 1) -> list[torch.optim.Optimizer]:  # fmt: skip
     """The optimizers of a run, each to be passed to `accelerator.prepare` on its own (a wrapper around
     several stops stepping once prepared), each with its own scheduler.
 
     `optim: adamw`: one AdamW for everything. `optim: muon`: [AdamW for embeddings, LM head, gains and
     biases; Muon for the hidden matrices]. Every trainable parameter is in exactly one optimizer.
-    Fused AdamW on CUDA, foreach elsewhere."""
+    Fused AdamW on CUDA, foreach elsewhere. Muon's Newton-Schulz is compiled with the model (torch_compile)
+    and, with several (DDP) processes, shared out among them."""
     fused = device_type == "cuda"
     muon_params = []
     if cfg.optim == "muon":
@@ -178,8 +245,10 @@ def build_optimizers(model: torch.nn.Module, cfg: RunConfig, device_type: str) -
     if cfg.optim != "muon":
         return [adamw]
     muon = Muon(
-        muon_params,
+        muon_param_groups(muon_params, model, cfg.muon_split_fused),
         ns_dtype=torch.bfloat16 if device_type == "cuda" else torch.float32,
+        compiled=cfg.torch_compile,
+        distributed=num_processes > 1,  # FSDP and DeepSpeed were refused: several processes are DDP
         lr=cfg.muon_learning_rate or cfg.learning_rate,
         momentum=cfg.muon_momentum,
         weight_decay=cfg.weight_decay,

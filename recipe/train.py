@@ -58,7 +58,15 @@ from recipe.checkpoint import (
 )
 from recipe.config import ConfigError, RunConfig, available_cores, gpt_config, load_config
 from recipe.hub import HubPusher, download_last_checkpoint, make_api
-from recipe.metrics import JsonlLog, bits_per_byte, flops_per_token, perplexity, results_table, run_peak_flops
+from recipe.metrics import (
+    JsonlLog,
+    bits_per_byte,
+    describe_peak,
+    flops_per_token,
+    perplexity,
+    results_table,
+    run_peak_flops,
+)
 from recipe.model_card import write_model_card
 from recipe.optim import build_optimizers, make_schedule, schedule_curve
 from recipe.plots import plot_loss, plot_lr
@@ -493,6 +501,15 @@ class StopSignal:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def training_loss(model, batch: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor) -> torch.Tensor:
+    """The training forward: the loss summed over the batch's targets / the window's. Our model returns it
+    alone (`skip_logits`: no (B, T, V) logits leave the compiled graph, nor accelerate's fp32 copy of them);
+    another model (model_name_or_path) returns its logits too."""
+    ours = isinstance(plain_model(model), GPTForCausalLM)
+    return model(input_ids=batch["input_ids"], shift_labels=batch["shift_labels"],
+                 num_items_in_batch=num_items_in_batch, **({"skip_logits": True} if ours else {})).loss  # fmt: skip
+
+
 def agree(stop: StopSignal, first_bad_step: torch.Tensor, accelerator: Accelerator) -> tuple[bool, int]:
     """(stop, first NaN step or 0), the same on every process: one gather that every process enters at
     the same steps, whether or not a signal reached it (ranks that disagree hang in the next collective)."""
@@ -506,13 +523,14 @@ def agree(stop: StopSignal, first_bad_step: torch.Tensor, accelerator: Accelerat
 
 
 @torch.no_grad()
-def evaluate(model, dataloader, accelerator: Accelerator, bytes_per_token: float) -> dict[str, float]:
+def evaluate(model, dataloader, accelerator: Accelerator, bytes_per_token: float, vocab: int) -> dict[str, float]:  # fmt: skip
     """Token-weighted loss and next-token accuracy over all processes (gather_for_metrics drops the padding
-    duplicates), and how many blocks were scored. No KV cache: nothing is generated."""
+    duplicates), and how many blocks were scored, over the tokenizer's `vocab` ids (not the padded rows of
+    the head). No KV cache: nothing is generated."""
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # nll, correct, count, blocks
     for batch in dataloader:
-        logits = model(input_ids=batch["input_ids"], use_cache=False).logits  # (B, T, V)
+        logits = model(input_ids=batch["input_ids"], use_cache=False).logits[..., :vocab]  # (B, T, V)
         labels = batch["shift_labels"]  # (B, T)
         nll = torch.nn.functional.cross_entropy(
             logits.flatten(0, 1).float(), labels.flatten(), reduction="none"
@@ -547,10 +565,10 @@ def hellaswag_items(
     return hellaswag.encode_items(dataset, tokenizer, hellaswag.context_length(config, tokenizer))
 
 
-def score_hellaswag(model, items: list[hellaswag.Item], cfg: RunConfig, final: bool) -> dict[str, float]:
+def score_hellaswag(model, items: list[hellaswag.Item], cfg: RunConfig, final: bool, vocab: int) -> dict[str, float]:  # fmt: skip
     """The fixed subset along the way, every item at the end (a compiled model runs eagerly: hellaswag.score)."""
     subset = items if final else hellaswag.evenly_spaced(items, cfg.hellaswag_items)
-    return hellaswag.metrics(hellaswag.score(model, subset, cfg.hellaswag_batch_size))
+    return hellaswag.metrics(hellaswag.score(model, subset, cfg.hellaswag_batch_size, vocab_size=vocab))
 
 
 @torch.no_grad()
@@ -592,7 +610,7 @@ def card_writer(cfg: RunConfig, data: PreparedData, log: JsonlLog, results: dict
     """write_card(folder, model_config) for save_checkpoint and the end: model card, loss plot and results."""
 
     def write_card(folder: Path, config) -> None:
-        vocab = config.vocab_size
+        vocab = len(data.tokenizer)  # the random-guess baseline: the ids text can hold, not the padded head
         plot_loss(log.rows, folder / "loss.png", vocab)
         write_model_card(folder, cfg, data, results, results_table(results, vocab), sample)
 
@@ -769,10 +787,11 @@ def stream_summary(stream_loader, accelerator: Accelerator):
     return SplitSummary(*[int(x) for x in total.tolist()], 0)
 
 
-def describe_run(cfg: RunConfig, n_params: int, vocab: int, world: int) -> str:
+def describe_run(cfg: RunConfig, n_params: int, vocab: int, head: int, world: int) -> str:
     accum, batch = cfg.gradient_accumulation_steps, cfg.per_device_train_batch_size
+    padded = f" (embedding and head padded to {head})" if head > vocab else ""
     return (
-        f"Model: {n_params / 1e6:.2f}M parameters, vocab {vocab}, context {cfg.block_size}\n"
+        f"Model: {n_params / 1e6:.2f}M parameters, vocab {vocab}{padded}, context {cfg.block_size}\n"
         f"Training {cfg.max_steps} steps x {batch} blocks x {accum} accumulation x {world} processes = "
         f"{batch * accum * world * cfg.block_size:,} tokens per step"
     )
@@ -816,7 +835,7 @@ def finish(accelerator, model, cfg: RunConfig, data: PreparedData, log: JsonlLog
         card_writer(cfg, data, log, results, sample)(output_dir, saved.config)
         (output_dir / "all_results.json").write_text(json.dumps(results, indent=2))
         plot_lr(*schedule_curve(cfg), output_dir / "lr.png")
-        print(f"\n{results_table(results, saved.config.vocab_size)}\n")
+        print(f"\n{results_table(results, len(data.tokenizer))}\n")
         if "eval_hellaswag_acc" in results:
             print(f"{hellaswag.table(results)}\n")
         print(
@@ -865,7 +884,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model = build_model(cfg, data.tokenizer)
     checkpoint = check_resume(accelerator, cfg, model, data, streaming, checkpoint)
     n_params = sum(p.numel() for p in model.parameters())
-    optimizers = build_optimizers(model, cfg, accelerator.device.type)
+    optimizers = build_optimizers(model, cfg, accelerator.device.type, world)
     schedulers = [make_schedule(opt, cfg) for opt in optimizers]
     hellaswag_data = hellaswag_items(cfg, accelerator, data.tokenizer, model.config)
     start_output_dir(cfg, accelerator)
@@ -882,7 +901,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     log = JsonlLog(output_dir / "metrics.jsonl", enabled=main_proc, keep_until_step=state["global_step"])
     meter = Meter(accelerator, flops_per_token(plain_model(model).config, cfg.block_size),
                   run_peak_flops(accelerator.device, cfg.mixed_precision, world))  # fmt: skip
-    accelerator.print(describe_run(cfg, n_params, len(data.tokenizer), world))
+    accelerator.print(describe_run(cfg, n_params, len(data.tokenizer), plain_model(model).config.vocab_size, world))  # fmt: skip
+    if accelerator.device.type == "cuda":
+        accelerator.print(describe_peak(accelerator.device, cfg.mixed_precision))
 
     # --- the loop
     model.train()
@@ -896,14 +917,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         n_items = accelerator.reduce(n_items, "sum") if world > 1 else n_items
         for batch in window:
             with accelerator.accumulate(model):  # DDP syncs gradients on the window's last micro-batch only
-                out = model(
-                    input_ids=batch["input_ids"],
-                    shift_labels=batch["shift_labels"],
-                    num_items_in_batch=n_items,
-                )
+                loss = training_loss(model, batch, n_items)
                 # backward divides by accum and DDP averages over processes; undo both: the sum is exact.
-                accelerator.backward(out.loss * accum * world)
-            meter.loss_sum += out.loss.detach()
+                accelerator.backward(loss * accum * world)
+            meter.loss_sum += loss.detach()
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         skipped = False
         for optimizer, scheduler in zip(optimizers, schedulers):
@@ -940,7 +957,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 # The final evaluation scores the whole validation split; the ones along the way a fixed subset.
                 whole = step == cfg.max_steps or "along" not in eval_dls
                 eval_dl = eval_dls["final" if whole else "along"]
-                last_eval = evaluate(model, eval_dl, accelerator, data.summary["validation"].bytes_per_token)
+                last_eval = evaluate(model, eval_dl, accelerator, data.summary["validation"].bytes_per_token,
+                                     len(data.tokenizer))  # fmt: skip
                 log_row(accelerator, log, {"step": step, **last_eval, "eval_whole": whole}, progress, "eval")
         if (
             hellaswag_data
@@ -948,7 +966,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             and (step == cfg.max_steps or (cfg.hellaswag_steps and step % cfg.hellaswag_steps == 0))
         ):
             with meter.paused():
-                last_hellaswag = score_hellaswag(model, hellaswag_data, cfg, final=step == cfg.max_steps)
+                last_hellaswag = score_hellaswag(
+                    model, hellaswag_data, cfg, step == cfg.max_steps, len(data.tokenizer)
+                )
                 log_row(accelerator, log, {"step": step, **last_hellaswag}, progress, "eval")
         state["train_runtime"] = runtime_before + time.perf_counter() - t_start
         stopping = stopping and step < cfg.max_steps  # a stop on the last step just finishes

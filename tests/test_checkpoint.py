@@ -187,6 +187,24 @@ def test_mfu_denominator_is_every_device_of_the_run(monkeypatch):
     assert run_peak_flops(torch.device("cuda"), "bf16", 8) == 8 * 989e12
 
 
+@pytest.mark.parametrize(
+    "device_name, card, tflops",
+    [
+        ("NVIDIA H100 80GB HBM3", "H100 SXM", 989), ("NVIDIA H100 PCIe", "H100 PCIe", 756),
+        ("NVIDIA H100 NVL", "H100 NVL", 835), ("NVIDIA H200", "H200 SXM", 989), ("NVIDIA H200 NVL", "H200 NVL", 835),
+        ("NVIDIA GH200 480GB", "GH200", 989), ("NVIDIA H20", "H20", 148), ("NVIDIA A100-SXM4-80GB", "A100", 312),
+        ("NVIDIA A100 80GB PCIe", "A100", 312), ("NVIDIA L40S", "L40S", 362), ("NVIDIA L40", "L40", 181),
+        ("NVIDIA L4", "L4", 121), ("NVIDIA B200", "B200", 2250), ("NVIDIA GB200", "GB200", 2500),
+        ("NVIDIA GeForce RTX 4090", "RTX 4090", 165), ("NVIDIA GeForce RTX 2080 Ti", None, None),
+    ],
+)  # fmt: skip
+def test_mfu_names_the_card_it_matched_and_none_for_an_unknown_one(device_name, card, tflops):
+    from recipe.metrics import card_peak
+
+    found = card_peak(device_name)
+    assert (found and (found[0], found[1] / 1e12)) == ((card, tflops) if card else None)
+
+
 def test_the_schedule_warms_up_then_reaches_its_floor_exactly_at_max_steps():
     cfg = RunConfig(max_steps=20, warmup_steps=2, learning_rate=1.0, min_lr_ratio=0.1)
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
@@ -249,7 +267,7 @@ def test_evaluation_builds_no_cache(tiny_gpt):
     model.register_forward_hook(lambda module, args, kwargs, out: seen.append(out.cache), with_kwargs=True)
     blocks = torch.randint(0, 97, (4, 9))
     data = [{"input_ids": b[:-1], "shift_labels": b[1:]} for b in blocks]
-    metrics = evaluate(model, torch.utils.data.DataLoader(data, batch_size=2), Accelerator(cpu=True), 2.0)
+    metrics = evaluate(model, torch.utils.data.DataLoader(data, batch_size=2), Accelerator(cpu=True), 2.0, 97)
     assert seen == [None, None]
     assert 0 <= metrics["eval_accuracy"] <= 1 and metrics["eval_bits_per_byte"] > 0
 

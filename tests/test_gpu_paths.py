@@ -36,9 +36,8 @@ def eval_loss_of_folder(folder: Path, overrides: list[str]) -> float:
     data = prepare_data(cfg)
     model = AutoModelForCausalLM.from_pretrained(folder)
     loader = torch.utils.data.DataLoader(data.validation, batch_size=16)
-    return evaluate(model, loader, Accelerator(cpu=True), data.summary["validation"].bytes_per_token)[
-        "eval_loss"
-    ]
+    bytes_per_token = data.summary["validation"].bytes_per_token
+    return evaluate(model, loader, Accelerator(cpu=True), bytes_per_token, len(data.tokenizer))["eval_loss"]
 
 
 def assert_clean_export(folder: Path) -> None:
@@ -245,3 +244,73 @@ def test_a_streamed_two_process_run_resumes_from_each_ranks_own_position(tmp_pat
     # The stream went on with the blocks the uninterrupted run trained (its shuffle buffers were saved): the
     # same weights at the end.
     assert max_weight_diff(resumed, first) < 1e-6
+
+
+def compiled_training_graphs(skip_logits: bool) -> tuple[list, list, tuple[int, int, int]]:
+    """The graphs of train.py's training forward (`training_loss`, or a forward returning logits) on a model
+    prepared as train.py prepares it (bf16 autocast, accelerate's fp32 outputs) and then compiled: what dynamo
+    traced (its outputs are what the caller gets) and AOT autograd's forward graph (its outputs are those
+    plus every tensor kept for the backward)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    from recipe import GPTConfig, GPTForCausalLM
+    from recipe.train import training_loss
+
+    torch._dynamo.reset()
+    B, T, V = 2, 16, 512
+    torch.manual_seed(0)
+    model = GPTForCausalLM(GPTConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     max_position_embeddings=T)).train()  # fmt: skip
+    AcceleratorState._reset_state(True)  # an Accelerator of another precision may exist in this process
+    try:
+        prepared = Accelerator(cpu=True, mixed_precision="bf16").prepare(model)
+    finally:
+        AcceleratorState._reset_state(True)  # the prepared forward keeps its autocast
+    traced, forwards = [], []
+
+    def keep_forward(gm, inputs):
+        forwards.append(gm.graph)
+        return make_boxed_func(gm.forward)
+
+    aot = aot_autograd(fw_compiler=keep_forward, bw_compiler=lambda gm, _: make_boxed_func(gm.forward),
+                       partition_fn=min_cut_rematerialization_partition)  # inductor's partitioner  # fmt: skip
+
+    def backend(gm, inputs):
+        traced.append(gm.graph)
+        return aot(gm, inputs)
+
+    compiled = torch.compile(prepared, backend=backend)
+    ids = torch.randint(0, V, (B, T + 1))
+    batch = {"input_ids": ids[:, :-1], "shift_labels": ids[:, 1:]}
+    if skip_logits:
+        loss = training_loss(compiled, batch, torch.tensor(B * T))
+    else:
+        loss = compiled(**batch, num_items_in_batch=torch.tensor(B * T)).loss
+    loss.backward()
+    return traced, forwards, (B, T, V)
+
+
+def graph_outputs(graph) -> list:
+    (output,) = graph.find_nodes(op="output")
+    nodes = [n for n in torch.utils._pytree.tree_leaves(output.args) if hasattr(n, "meta")]
+    return [n.meta["val"] if "val" in n.meta else n.meta["example_value"] for n in nodes]  # AOT / dynamo
+
+
+def test_the_compiled_training_forward_returns_the_loss_alone_and_keeps_no_fp32_logits():
+    """Issue 18.2: train.py's compiled forward hands back the loss only, and neither returns nor keeps for
+    the backward any fp32 (B, T, V) tensor (the bf16 logits the backward needs are the only (B, T, V) one).
+    The same harness finds both in a forward that returns logits, so it can tell."""
+    traced, forwards, (B, T, V) = compiled_training_graphs(skip_logits=True)
+    assert len(traced) == len(forwards) == 1
+    assert [tuple(v.shape) for v in graph_outputs(traced[0])] == [()]  # the loss
+    kept = [v for v in graph_outputs(forwards[0]) if v.numel() >= B * T * V]
+    assert [v.dtype for v in kept if v.dim() > 1 and v.shape[-1] == V] == [torch.bfloat16]
+
+    traced, forwards, _ = compiled_training_graphs(skip_logits=False)
+    assert any(tuple(v.shape) == (B, T, V) and v.dtype == torch.float32 for v in graph_outputs(traced[0]))
+    kept = [v for v in graph_outputs(forwards[0]) if v.numel() >= B * T * V and v.shape[-1] == V]
+    assert any(v.dtype == torch.float32 for v in kept)

@@ -463,32 +463,119 @@ def test_dropout_only_in_training(make):
     assert not torch.allclose(a, model(x).logits)  # the MLP's dropout is applied (both architectures)
 
 
-@pytest.mark.parametrize("architecture", ["gpt2", "modern"])
-def test_unpadded_compiled_forward_reaches_sdpa_with_no_mask(architecture):
-    """Issue 18.1: no attention_mask, no cache -> every SDPA node has no mask and is_causal=True."""
+# --- the training forward: attention without a mask, the loss without logits (issue 18) ---------------
 
-    torch._dynamo.reset()
-    config = GPTConfig(
-        architecture=architecture, vocab_size=64, hidden_size=32, num_hidden_layers=2,
-        num_attention_heads=2, intermediate_size=64, max_position_embeddings=32,
-    )  # fmt: skip
-    config._attn_implementation = "sdpa"
-    model = GPTForCausalLM(config).train()
-    graphs = []
 
+def sdpa_nodes(graphs) -> list:
+    return [
+        n for g in graphs for n in g.nodes if n.target is torch.nn.functional.scaled_dot_product_attention
+    ]
+
+
+def recording_backend(graphs: list):
     def backend(gm, inputs):
         graphs.append(gm.graph)
         return gm.forward
 
-    ids = torch.randint(0, 64, (2, 16))
-    compiled = torch.compile(model, backend=backend)
-    loss = compiled(input_ids=ids, labels=ids, use_cache=False).loss
-    eager = model(input_ids=ids, labels=ids, use_cache=False).loss
-    torch.testing.assert_close(loss, eager)
-    nodes = [
-        n for g in graphs for n in g.nodes if n.target is torch.nn.functional.scaled_dot_product_attention
-    ]
+    return backend
+
+
+def grads(model) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_unpadded_forward_reaches_attention_with_no_mask_and_keeps_the_gradients(make, monkeypatch):
+    """An unpadded batch without cache or positions: every SDPA node of the compiled graph has no mask and
+    is_causal=True; loss and gradients equal eager's; eager builds no mask either (create_causal_mask is
+    where the host sync was)."""
+    torch._dynamo.reset()
+    model, x = make().train(), ids(seq=16)
+    graphs = []
+    compiled = torch.compile(model, backend=recording_backend(graphs))
+    compiled_loss = compiled(input_ids=x, labels=x, use_cache=False).loss
+    compiled_loss.backward()
+    compiled_grads = grads(model)
+    model.zero_grad()
+    import recipe.modeling_gpt as modeling
+
+    def no_mask_expected(**kwargs):
+        raise AssertionError("create_causal_mask called for an unpadded batch")
+
+    monkeypatch.setattr(modeling, "create_causal_mask", no_mask_expected)
+    eager_loss = model(input_ids=x, labels=x, use_cache=False).loss
+    eager_loss.backward()
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    eager_grads = grads(model)
+    assert compiled_grads.keys() == eager_grads.keys() and len(eager_grads) == len(list(model.parameters()))
+    for name in eager_grads:
+        torch.testing.assert_close(compiled_grads[name], eager_grads[name], msg=name)
+    nodes = sdpa_nodes(graphs)
     assert len(nodes) == 2
     for n in nodes:
         assert n.kwargs.get("attn_mask") is None and (len(n.args) < 4 or n.args[3] is None)
         assert n.kwargs.get("is_causal") is True
+
+
+def test_flash_attention_gets_no_mask_for_an_unpadded_batch_and_one_for_a_padded_batch(make, monkeypatch):
+    """flash_attention_2 (no kernel on a CPU): the function it is registered as sees mask None and the
+    module's is_causal for an unpadded batch, and the padding mask for a padded one."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    seen = []
+
+    def recording_flash(module, query, key, value, attention_mask, **kwargs):
+        seen.append((attention_mask, module.is_causal))
+        return modeling_eager(module, query, key, value, None, **kwargs)
+
+    from recipe.modeling_gpt import eager_attention_forward as modeling_eager
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "flash_attention_2", recording_flash)
+    model, x = make(), ids()
+    model.config._attn_implementation = "flash_attention_2"
+    model(input_ids=x, use_cache=False)
+    assert [m is None and causal for m, causal in seen] == [True, True]
+    seen.clear()
+    model(
+        input_ids=x, attention_mask=torch.ones_like(x).index_fill_(1, torch.tensor([0]), 0), use_cache=False
+    )
+    assert len(seen) == 2 and all(m is not None for m, _ in seen)
+
+
+def test_left_padded_batch_keeps_its_mask_when_compiled(make):
+    """With padding the compiled graph still masks: a left-padded row scores its tokens as the row alone."""
+    torch._dynamo.reset()
+    model, x = make(), ids(seq=10)
+    mask = torch.ones_like(x)
+    mask[0, :4] = 0  # row 0: 4 pad tokens on the left, then 6 real ones
+    graphs = []
+    compiled = torch.compile(model, backend=recording_backend(graphs))
+    padded = compiled(input_ids=x, attention_mask=mask, use_cache=False).logits
+    nodes = sdpa_nodes(graphs)
+    assert nodes and all(n.kwargs.get("attn_mask") is not None or n.args[3] is not None for n in nodes)
+    # The same positions as in the padded forward (4..9), without the pad tokens to attend to.
+    alone = model(input_ids=x[:1, 4:], position_ids=torch.arange(4, 10)[None], use_cache=False).logits
+    torch.testing.assert_close(padded[0, 4:], alone[0], rtol=1e-4, atol=1e-5)
+    unmasked = model(input_ids=x, use_cache=False).logits
+    assert not torch.allclose(unmasked[0, 4:], alone[0], atol=1e-3)  # the padding would change them
+
+
+def test_skip_logits_returns_the_same_loss_and_gradients_and_no_logits(make):
+    model, x = make().train(), ids(batch=3)
+    labels = x.clone()
+    labels[0, 2:5] = -100
+    shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100)
+    n = torch.tensor(50)
+    reference = model(input_ids=x, shift_labels=shift_labels, num_items_in_batch=n)
+    reference.loss.backward()
+    expected = grads(model)
+    model.zero_grad()
+    out = model(input_ids=x, shift_labels=shift_labels, num_items_in_batch=n, skip_logits=True)
+    assert out.logits is None
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, reference.loss)
+    for name, grad in grads(model).items():
+        torch.testing.assert_close(grad, expected[name], msg=name)
+    with_labels = model(input_ids=x, labels=labels, skip_logits=True).loss
+    torch.testing.assert_close(with_labels, model(input_ids=x, labels=labels).loss)
+    with pytest.raises(ValueError, match="skip_logits"):
+        model(input_ids=x, skip_logits=True)

@@ -188,23 +188,33 @@ def test_muon_refuses_a_model_sharded_with_fully_shard(tiny_gpt, tmp_path):
         dist.destroy_process_group()
 
 
-# --- DDP: gradients are averaged before the step, so Muon sees whole, identical matrices on every rank ----
+# --- DDP: gradients are averaged before the step, so Muon sees whole, identical matrices on every rank; ---
+# each rank orthogonalises its share of them and gathers the rest
 
 
 def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
+    import recipe.optim
     from recipe import GPTConfig, GPTForCausalLM
 
     torch.set_num_threads(1)
+    orthogonalised = []  # the stacks this rank's Newton-Schulz saw: (N, m, n)
+    plain = recipe.optim.newton_schulz_batched
+
+    def recording(stack, *args):
+        orthogonalised.append(tuple(stack.shape))
+        return plain(stack, *args)
+
+    recipe.optim.newton_schulz_batched = recording
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)
     config = GPTConfig(
         architecture="modern", vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4
     )
     model = GPTForCausalLM(config)
-    optimizers = build_optimizers(model, run_config("muon"), "cpu")
+    optimizers = build_optimizers(model, run_config("muon"), "cpu", num_processes=world)
     ddp = DistributedDataParallel(model)
     for step in range(2):
         x = batch(step)[rank * 2 : rank * 2 + 2]  # each rank its half of the batch
@@ -212,7 +222,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         for opt in optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
-    torch.save(model.state_dict(), f"{out_dir}/rank{rank}.pt")
+    torch.save({"weights": model.state_dict(), "orthogonalised": orthogonalised}, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -225,7 +235,8 @@ def test_muon_under_ddp_equals_one_process_on_the_whole_batch(tmp_path):
     mp.start_processes(
         _ddp_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, start_method="fork"
     )
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    saved = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = [s["weights"] for s in saved]
 
     torch.manual_seed(0)
     config = GPTConfig(
@@ -238,6 +249,10 @@ def test_muon_under_ddp_equals_one_process_on_the_whole_batch(tmp_path):
         torch.testing.assert_close(ranks[0][name], ranks[1][name], rtol=0, atol=0, msg=name)  # in step
         torch.testing.assert_close(ranks[0][name], value, rtol=1e-4, atol=1e-5, msg=name)  # and right
         assert not torch.equal(value, initial[name]), name
+    # Each rank orthogonalised one of the two matrices of each of the 4 shapes per step (2 layers).
+    hidden = {tuple(p.shape) for p in hidden_matrices(model)}
+    for s in saved:
+        assert sorted(s["orthogonalised"]) == sorted([(1, *shape) for shape in hidden] * 2)
 
 
 def test_batched_muon_equals_the_per_matrix_update():
@@ -258,3 +273,57 @@ def test_batched_muon_equals_the_per_matrix_update():
         torch.testing.assert_close(w, v, rtol=0, atol=1e-6)
     for a, b in zip(old.state_dict()["state"].values(), new.state_dict()["state"].values()):
         torch.testing.assert_close(b["momentum_buffer"], a["momentum_buffer"], rtol=0, atol=1e-6)
+
+
+def muon_steps(weights, steps: int = 3, **kwargs) -> tuple[list[torch.nn.Parameter], Muon]:
+    params = [torch.nn.Parameter(w.clone()) for w in weights]
+    opt = Muon(params, lr=0.02, weight_decay=0.1, momentum=0.9, adjust_lr_fn="match_rms_adamw", **kwargs)
+    for step in range(steps):
+        for i, p in enumerate(params):
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * step + i))
+        opt.step()
+    return params, opt
+
+
+def test_compiled_muon_equals_the_per_matrix_update():
+    """One compiled Newton-Schulz per shape (fp32 on a CPU): the update of today's per-matrix iteration."""
+    torch._dynamo.reset()
+    shapes = [(24, 16), (16, 40), (24, 16), (16, 40)]
+    weights = [torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(shapes)]
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    compiled, _ = muon_steps(weights, compiled=True)
+    graphs = counters["stats"]["unique_graphs"]
+    per_matrix, _ = muon_steps(weights, batched=False)
+    assert graphs == 2  # one per shape, reused by every step
+    for a, b in zip(compiled, per_matrix):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_split_muon_orthogonalises_each_block_as_its_own_matrix():
+    """`split` 3: a (3m, n) matrix's update is the three (m, n) blocks' updates side by side."""
+    fused = torch.randn(48, 16, generator=torch.Generator().manual_seed(0))
+    params = [torch.nn.Parameter(fused.clone())]
+    opt = Muon([{"params": params, "split": 3}], lr=0.02, weight_decay=0.1, momentum=0.9, adjust_lr_fn="match_rms_adamw")  # fmt: skip
+    blocks = [torch.nn.Parameter(b.clone()) for b in fused.chunk(3)]
+    apart = Muon(blocks, lr=0.02, weight_decay=0.1, momentum=0.9, adjust_lr_fn="match_rms_adamw")
+    for step in range(3):
+        g = torch.randn(48, 16, generator=torch.Generator().manual_seed(step))
+        params[0].grad = g.clone()
+        for b, gb in zip(blocks, g.chunk(3)):
+            b.grad = gb.clone()
+        opt.step()
+        apart.step()
+    torch.testing.assert_close(params[0].detach(), torch.cat([b.detach() for b in blocks]), rtol=0, atol=1e-6)
+    whole, _ = muon_steps([fused])
+    assert not torch.allclose(whole[0], params[0], atol=1e-4)  # orthogonalised whole, it is another update
+
+
+def test_split_groups_follow_the_fused_matrices(tiny_gpt):
+    model = tiny_gpt(architecture="modern")
+    muon = build_optimizers(model, run_config("muon", muon_split_fused=True), "cpu")[1]
+    by_split = {g["split"]: {id(p) for p in g["params"]} for g in muon.param_groups}
+    block = model.transformer.h[0]
+    assert id(block.attn.c_attn.weight) in by_split[3] and id(block.mlp.c_fc.weight) in by_split[2]
+    assert id(block.attn.c_proj.weight) in by_split[1] and id(block.mlp.c_proj.weight) in by_split[1]

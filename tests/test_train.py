@@ -80,8 +80,9 @@ def max_weight_diff(a: Path, b: Path) -> float:
 
 
 # 20 steps, a checkpoint every 10 kept: the uninterrupted reference and the resumed run use the same settings.
+# A 1,000-token BPE: the model's vocabulary is padded to 1,024 (pad_vocab_size_to_multiple_of 64).
 FULL_RUN = ["--max_steps", "20", "--save_steps", "10", "--eval_steps", "10", "--logging_steps", "5",
-            "--save_total_limit", "none"]  # fmt: skip
+            "--save_total_limit", "none", "--vocab_size", "1000"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +167,49 @@ def test_hellaswag_along_the_way_at_the_end_and_from_the_cli(full_run, hellaswag
         ["--model", str(full_run), "--hellaswag_path", str(hellaswag_file), "--limit", "3"]
     )
     assert limited["eval_hellaswag_items"] == 3
+
+
+def test_the_padded_vocabulary_is_never_generated_nor_scored(full_run, hellaswag_file, tmp_path):
+    """Issue 18.3: 1,000 tokens -> a 1,024-row head whose 24 extra ids generate() (ours and the stock export)
+    suppresses, and which no metric counts: with their logits made huge, HellaSwag and the held-out loss do
+    not move."""
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from recipe import evaluate as evaluate_cli
+    from recipe.export import export_model
+    from recipe.train import evaluate
+
+    tokenizer = AutoTokenizer.from_pretrained(full_run)
+    model = AutoModelForCausalLM.from_pretrained(full_run).eval()
+    assert len(tokenizer) == 1000 and model.config.vocab_size == 1024
+    padding = list(range(1000, 1024))
+    assert json.loads((full_run / "generation_config.json").read_text())["suppress_tokens"] == padding
+    stock = export_model(model, tmp_path / "gpt2", tokenizer=tokenizer)
+    assert (
+        json.loads((tmp_path / "gpt2" / "generation_config.json").read_text())["suppress_tokens"] == padding
+    )
+    prompt = tokenizer("ROMEO:", return_tensors="pt").input_ids
+    for m in (model, AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2")):
+        out = m.generate(prompt, max_new_tokens=4, do_sample=True, output_scores=True, return_dict_in_generate=True)  # fmt: skip
+        assert all(torch.isneginf(step[:, 1000:]).all() for step in out.scores), type(m).__name__
+    del stock
+
+    before = evaluate_cli.main(["--model", str(full_run), "--hellaswag_path", str(hellaswag_file), "--output", str(tmp_path / "a.json")])  # fmt: skip
+    ids = torch.tensor(tokenizer("To be, or not to be, that is the question. " * 6).input_ids[:65])
+    batch = [{"input_ids": ids[None, :-1], "shift_labels": ids[None, 1:]}]
+    held_out = evaluate(model, batch, Accelerator(cpu=True), 1.0, len(tokenizer))
+    with torch.no_grad():
+        model.lm_head.weight[1000:] = 30 * torch.randn(24, model.config.hidden_size)  # huge padded logits
+    model.save_pretrained(tmp_path / "loud")
+    tokenizer.save_pretrained(tmp_path / "loud")
+    after = evaluate_cli.main(["--model", str(tmp_path / "loud"), "--hellaswag_path", str(hellaswag_file), "--output", str(tmp_path / "b.json")])  # fmt: skip
+    logliks = [torch.tensor(json.loads((tmp_path / f).read_text())["logliks"]) for f in ("a.json", "b.json")]
+    assert after == before
+    torch.testing.assert_close(logliks[1], logliks[0], rtol=0, atol=1e-4)
+    assert evaluate(model, batch, Accelerator(cpu=True), 1.0, len(tokenizer)) == pytest.approx(held_out)
+    everything = evaluate(model, batch, Accelerator(cpu=True), 1.0, 1024)  # the harness can tell
+    assert everything["eval_loss"] > held_out["eval_loss"] + 1
 
 
 def test_output_loads_with_pipeline_where_recipe_cannot_be_imported(full_run, tmp_path):
@@ -477,7 +521,7 @@ def test_a_resume_refuses_another_tokenizer_data_or_schedule_in_one_line(full_ru
 
     # One launch changing all four: the one line names each (a refusal costs a launch; the suite is timed).
     other = tmp_path / "other-bpe"  # another byte-level BPE of the same size: the model would load
-    train_bpe([(ROOT / "README.md").read_text()] * 3, 512).save_pretrained(other)
+    train_bpe([(ROOT / "README.md").read_text()] * 3, 1000).save_pretrained(other)
     text = tmp_path / "other.jsonl"
     text.write_text(
         "".join(json.dumps({"text": f"Document {i}, not Shakespeare. " * 30}) + "\n" for i in range(40))
