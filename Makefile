@@ -12,7 +12,7 @@ PROMPT ?= Romeo.
 TORCH_SPEC ?= $(shell if command -v nvidia-smi >/dev/null 2>&1; then echo "torch>=2.4"; else echo "torch==2.13.0"; fi)
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train test data sample eval bench bench-learning lint clean gpu-check
+.PHONY: setup train test data sample eval bench bench-learning lint clean gpu-check bench-gpu
 
 setup: $(STAMP)
 
@@ -58,6 +58,17 @@ gpu-check:
 	@if [ -n "$(WHEELS)" ]; then $(GPU_CHECK_PY) -m pip install -q --no-index --find-links "$(WHEELS)" \
 		'transformers>=5.24,<6' 'accelerate>=1.15'; fi
 	$(GPU_CHECK_PY) recipe/gpu_check.py $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run) $(ARGS)
+
+# One prepared GPU benchmark (recipe/bench_gpu.py, ~5 min on one GPU): the training step's changes, micro-batches,
+# stock GPT2LMHeadModel and the modern model interleaved in one process, a kernel profile, then recipe/train.py on
+# real text (ARGS="--train_files 'DIR/*.txt'", or the default corpus cached). Python, DRY_RUN and WHEELS as
+# gpu-check; WHEELS also installs datasets and torchdata for the train.py section where their wheels are there.
+bench-gpu:
+	@if [ -n "$(WHEELS)" ]; then $(GPU_CHECK_PY) -m pip install -q --no-index --find-links "$(WHEELS)" \
+		'transformers>=5.24,<6' 'accelerate>=1.15' && { $(GPU_CHECK_PY) -m pip install -q --no-index \
+		--find-links "$(WHEELS)" 'datasets>=5.2,<6' 'torchdata>=0.11' \
+		|| echo "bench-gpu: no datasets/torchdata wheels there: the train.py section will say so"; }; fi
+	$(GPU_CHECK_PY) recipe/bench_gpu.py $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run) $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check recipe tests

@@ -30,8 +30,6 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from recipe import GPTForCausalLM
-from recipe.bench_data import bench_data
-from recipe.bench_data import parse_args as bench_data_args
 from recipe.config import RunConfig, TokenizerSize, gpt_config, load_config
 from recipe.export import gpt2_state_dict_from
 from recipe.metrics import flops_per_token, measure_matmul_peak
@@ -274,6 +272,11 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
     args = p.parse_args(argv)
     args.skip = set(filter(None, args.skip.split(",")))
+    # Here, not at the top: recipe.bench_data needs `datasets`, which recipe/bench_gpu.py (importing
+    # build_stock and interleave from this module) does without.
+    from recipe.bench_data import bench_data
+    from recipe.bench_data import parse_args as bench_data_args
+
     cfg = load_config(["--config", args.config])
     vocab = cfg.vocab_size
     torch.manual_seed(0)

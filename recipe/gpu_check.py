@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,6 +36,7 @@ if __package__ in (None, ""):  # run as a script: import `recipe` from this tree
 NEEDS = {"torch": "2.4", "transformers": "5.24", "accelerate": "1.15", "safetensors": "0.4", "pyyaml": "6.0"}
 BELOW = {"transformers": "6"}
 IMPORT_NAME = {"pyyaml": "yaml"}
+TOOL = "gpu-check"  # what its lines start with; recipe/bench_gpu.py reuses the preflight as bench-gpu
 RESULT = "gpu-check result: "  # a worker's one JSON line for the parent's summary
 EXPORT_TOLERANCE = 1e-5  # train.verify_export's
 
@@ -44,11 +46,11 @@ DRY_STEPS = (20, 3, 4, 6)
 
 
 def log(message: str) -> None:
-    print(f"gpu-check: {message}", flush=True)
+    print(f"{TOOL}: {message}", flush=True)
 
 
 def fail(message: str) -> None:
-    print(f"gpu-check: FAIL: {message}", flush=True)
+    print(f"{TOOL}: FAIL: {message}", flush=True)
     raise SystemExit(2)
 
 
@@ -77,7 +79,7 @@ def preflight(dry_run: bool) -> dict[str, str]:
         specs = " ".join(f"'{d}>={NEEDS[d]}" + (f",<{BELOW[d]}'" if d in BELOW else "'") for d in missing)
         fail(
             f"missing {', '.join(missing)}. Install from wheels brought along: {sys.executable} -m pip install "
-            f"--no-index --find-links <wheel folder> {specs}  (or: make gpu-check WHEELS=<wheel folder>)"
+            f"--no-index --find-links <wheel folder> {specs}  (or: make {TOOL} WHEELS=<wheel folder>)"
         )
     import torch
 
@@ -88,7 +90,7 @@ def preflight(dry_run: bool) -> dict[str, str]:
     if not gpus and not dry_run:
         fail(
             "no CUDA GPU: torch.cuda.is_available() is False (a CPU build of torch, or no driver). "
-            "Rehearse on a CPU with: make gpu-check DRY_RUN=1"
+            f"Rehearse on a CPU with: make {TOOL} DRY_RUN=1"
         )
     if gpus and not dry_run and not torch.cuda.is_bf16_supported():
         log("WARNING: this GPU has no bf16; pass --mixed_precision fp16 or no")
@@ -154,9 +156,17 @@ class Batches:
         return self.inputs[step % len(self.inputs)], self.targets[step % len(self.targets)]
 
 
-def train_steps(model, optimizers, schedulers, batches: Batches, steps: range, max_grad_norm: float, accelerator=None):  # fmt: skip
+def model_inputs(x, y) -> dict:
+    """The forward's arguments for a batch, as recipe/train.py's `training_loss` passes them: input ids, the
+    pre-shifted targets, the loss alone."""
+    return {"input_ids": x, "shift_labels": y, "skip_logits": True}
+
+
+def train_steps(model, optimizers, schedulers, batches: Batches, steps: range, max_grad_norm: float, accelerator=None,
+                inputs: Callable[..., dict] = model_inputs):  # fmt: skip
     """The step of recipe/train.py: forward, backward, clip, step. Returns the losses (on the device, no sync).
-    Without an accelerator (FSDP2 applied by hand, in the CPU rehearsal) backward and clip are torch's."""
+    Without an accelerator (FSDP2 applied by hand, in the CPU rehearsal) backward and clip are torch's.
+    `inputs(x, y)` gives the forward's arguments (recipe/bench_gpu.py varies them)."""
     import torch
 
     losses = []
@@ -164,11 +174,11 @@ def train_steps(model, optimizers, schedulers, batches: Batches, steps: range, m
         x, y = batches(step)
         if accelerator is not None:
             with accelerator.accumulate(model):
-                out = model(input_ids=x, shift_labels=y)
+                out = model(**inputs(x, y))
                 accelerator.backward(out.loss)
             accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
         else:
-            out = model(input_ids=x, shift_labels=y)
+            out = model(**inputs(x, y))
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         for optimizer, scheduler in zip(optimizers, schedulers):
@@ -196,12 +206,19 @@ def build(cfg, accelerator, seed: int):
     """A fresh model, its optimizers and schedules, prepared by `accelerator` (as recipe/train.py does)."""
     from accelerate.utils import set_seed
 
-    from recipe.optim import build_optimizers, make_schedule
+    from recipe.optim import build_optimizers
     from recipe.train import build_model
 
     set_seed(seed)
     model = build_model(cfg, SyntheticTokenizer(cfg.vocab_size))
-    optimizers = build_optimizers(model, cfg, accelerator.device.type)
+    optimizers = build_optimizers(model, cfg, accelerator.device.type, accelerator.num_processes)
+    return prepare(cfg, accelerator, model, optimizers)
+
+
+def prepare(cfg, accelerator, model, optimizers: list) -> tuple:
+    """(model, optimizers, schedulers): a schedule for each optimizer, all prepared as recipe/train.py does."""
+    from recipe.optim import make_schedule
+
     schedulers = [make_schedule(opt, cfg) for opt in optimizers]
     prepared = accelerator.prepare(model, *optimizers, *schedulers)
     n = len(optimizers)
@@ -213,7 +230,7 @@ def throughput(cfg, accelerator, model, optimizers, schedulers, batches, steps: 
     import torch
 
     from recipe.checkpoint import plain_model
-    from recipe.metrics import flops_per_token, run_peak_flops
+    from recipe.metrics import flops_per_token, gpu_card, run_peak_flops
 
     device, world = accelerator.device, accelerator.num_processes
     if device.type == "cuda":
@@ -235,6 +252,7 @@ def throughput(cfg, accelerator, model, optimizers, schedulers, batches, steps: 
         "tokens_per_second": tok_s,
         "mfu": tok_s * flops / peak if peak else None,
         "peak_flops": peak,
+        "card": (gpu_card(device) or ("unknown",))[0] if device.type == "cuda" else None,
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "loss_first": losses[0],
         "loss_last": losses[-1],
@@ -604,8 +622,8 @@ def _pct(x: float | None) -> str:
 
 def _mfu(s: dict) -> str:
     if s["peak_flops"] is None:  # recipe.metrics has no data-sheet figure for this GPU
-        return "n/a (no peak FLOP/s known for this GPU: add it to recipe/metrics.py)"
-    source = "measured CPU matmul peak" if s["device"] == "cpu" else "data sheet, dense"
+        return "n/a (no peak FLOP/s known for this GPU: add it to GPU_PEAKS in recipe/metrics.py)"
+    source = "measured CPU matmul peak" if s["device"] == "cpu" else f"{s.get('card')}, data sheet, dense"
     return f"{_pct(s['mfu'])} of {s['peak_flops'] / 1e12:,.4g} TFLOP/s ({source})"
 
 
