@@ -34,7 +34,7 @@ from pathlib import Path
 import psutil
 
 from recipe.config import available_cores
-from recipe.data import MIN_BYTES_PER_WORKER
+from recipe.documents import MIN_BYTES_PER_WORKER
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC_BYTES = 3000

@@ -779,7 +779,7 @@ def log_row(accelerator: Accelerator, log: JsonlLog, row: dict, progress: tqdm, 
 
 def stream_summary(stream_loader, accelerator: Accelerator):
     """What all processes have read of a stream so far this epoch (a collective), for the model card."""
-    from recipe.data import SplitSummary
+    from recipe.tokens import SplitSummary
 
     mine = stream_loader.consumed()
     counts = torch.tensor([mine.documents, mine.bytes, mine.tokens, mine.blocks], device=accelerator.device)

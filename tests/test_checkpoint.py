@@ -371,7 +371,7 @@ def test_a_hub_dataset_is_read_at_one_commit_recorded_and_compared(monkeypatch, 
 
     import huggingface_hub
 
-    import recipe.data as data_module
+    import recipe.documents as documents_module
     from recipe import train
     from recipe.checkpoint import check_same_run, run_identity
     from recipe.config import RunConfig
@@ -387,9 +387,9 @@ def test_a_hub_dataset_is_read_at_one_commit_recorded_and_compared(monkeypatch, 
         asked.update(kwargs)
         raise ValueError("stop here")
 
-    monkeypatch.setattr(data_module, "load_dataset", load_dataset)
+    monkeypatch.setattr(documents_module, "load_dataset", load_dataset)
     with pytest.raises(ConfigError):
-        data_module._hub_documents(cfg)
+        documents_module._hub_documents(cfg)
     assert asked["revision"] == "abc123"
     data = SimpleNamespace(tokenizer=None, fingerprint="f")
     monkeypatch.setattr("recipe.tokenizer.tokenizer_fingerprint", lambda tok: "t")

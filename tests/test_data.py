@@ -17,12 +17,14 @@ from datasets import Dataset
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 import recipe.corpus as corpus
-import recipe.data as data_module
 import recipe.fetch as fetch
 import recipe.tokenizer as tokenizer_module
+import recipe.tokens as tokens_module
 from recipe.config import ConfigError, RunConfig, load_config
-from recipe.data import PackedStream, SplitSummary, TokenBlocks, format_summary, prepare_data
+from recipe.data import prepare_data
+from recipe.stream import PackedStream
 from recipe.tokenizer import EOS, train_bpe
+from recipe.tokens import SplitSummary, TokenBlocks, format_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = 16
@@ -140,7 +142,7 @@ def test_blocks_are_the_token_stream_shifted_with_one_token_overlap(tmp_path):
 def test_blocks_are_cut_across_stored_chunks_and_workers_map_the_cache(tmp_path, monkeypatch):
     """Tokens are stored once (uint16 here) in many arrow chunks; a block read across chunk boundaries is the
     same stream, and DataLoader workers receive the split without its tokens (they map the cache file)."""
-    monkeypatch.setattr(data_module, "TOKENIZE_BATCH_DOCUMENTS", 2)  # a chunk per 2 documents
+    monkeypatch.setattr(tokens_module, "TOKENIZE_BATCH_DOCUMENTS", 2)  # a chunk per 2 documents
     train = documents(12)
     data = prepare_data(local_config(tmp_path, train, documents(2, seed=1)))
     tokens = data.train.tokens
@@ -156,15 +158,15 @@ def test_blocks_are_cut_across_stored_chunks_and_workers_map_the_cache(tmp_path,
 
 
 def test_token_type_fits_the_vocabulary():
-    class Vocabulary:  # all _token_type looks at
+    class Vocabulary:  # all token_type looks at
         def __init__(self, size: int):
             self.size = size
 
         def __len__(self) -> int:
             return self.size
 
-    assert data_module._token_type(Vocabulary(2**16)) == "uint16"
-    assert data_module._token_type(Vocabulary(2**16 + 1)) == "uint32"
+    assert tokens_module.token_type(Vocabulary(2**16)) == "uint16"
+    assert tokens_module.token_type(Vocabulary(2**16 + 1)) == "uint32"
 
 
 def test_held_out_documents_are_whole_seeded_and_disjoint(tmp_path):
@@ -559,12 +561,12 @@ def test_tokenizer_workers_follow_the_split_not_the_table_under_it(monkeypatch):
     """A held-out split selects a few rows of the whole table: its worker count follows its own text."""
     from datasets import Dataset
 
-    import recipe.data as data_module
+    import recipe.documents as documents_module
 
-    monkeypatch.setattr(data_module.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
-    monkeypatch.setattr(data_module, "MIN_BYTES_PER_WORKER", 10_000)
+    monkeypatch.setattr(documents_module.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(documents_module, "MIN_BYTES_PER_WORKER", 10_000)
     table = Dataset.from_dict({"text": ["x" * 1_000] * 400})  # ~400 KB: 8 workers (all cores)
     cfg = RunConfig()
-    assert data_module._num_proc(cfg, table) == 8
-    assert data_module._num_proc(cfg, table.select(range(40))) == 4  # ~40 KB of text: 4 workers
-    assert data_module._num_proc(cfg, table.select(range(10))) is None  # ~10 KB: one process
+    assert documents_module.num_proc(cfg, table) == 8
+    assert documents_module.num_proc(cfg, table.select(range(40))) == 4  # ~40 KB of text: 4 workers
+    assert documents_module.num_proc(cfg, table.select(range(10))) is None  # ~10 KB: one process

@@ -1,7 +1,7 @@
 """Streams on several processes and DataLoader workers: a hold-out that never leaks, a resume that never replays.
 
 Each rank runs in its own process (`prepare_data(rank=, world_size=2)`, 2 DataLoader workers each) over 4
-local jsonl shards. Every document's words carry its number ("d<n>w<j>"), and a counting `_tokenize` records
+local jsonl shards. Every document's words carry its number ("d<n>w<j>"), and a counting `tokenize` records
 which documents each worker reads.
 """
 
@@ -24,22 +24,22 @@ RANK_SCRIPT = r"""
 import dataclasses, json, os, re, sys
 from pathlib import Path
 import torch
-import recipe.data as data_module
+import recipe.stream as stream_module
 from recipe.config import RunConfig
 from recipe.data import prepare_data, train_dataloader
 
 rank, out = int(sys.argv[1]), Path(sys.argv[2])
-data_module.STREAM_SHUFFLE_BUFFER = int(sys.argv[3])
+stream_module.STREAM_SHUFFLE_BUFFER = int(sys.argv[3])
 batch, first = int(sys.argv[4]), int(sys.argv[5])
 phase = "none"
-tokenize = data_module._tokenize
+tokenize = stream_module.tokenize
 
 def counting_tokenize(batch, **kwargs):  # runs in the DataLoader workers (forked): one file per process
     with open(out / f"reads-{phase}-{rank}-{os.getpid()}.txt", "a") as f:
         f.writelines(re.match(r"Document (\d+):", t).group(1) + "\n" for t in batch["text"])
     return tokenize(batch, **kwargs)
 
-data_module._tokenize = counting_tokenize
+stream_module.tokenize = counting_tokenize
 cfg = RunConfig(vocab_size=300, block_size=16, cache_dir=str(out / "cache"), streaming=True,
                 train_files=[str(out / "shards" / "*.jsonl")], validation_split_percentage=25,
                 per_device_train_batch_size=batch, dataloader_num_workers=2)

@@ -584,7 +584,8 @@ def test_the_data_is_compared_by_content_not_by_paths_or_mtimes(tmp_path):
     are the same data; other text is not."""
     from datasets import Dataset
 
-    from recipe.data import SplitSummary, _content_fingerprint
+    from recipe.data import _content_fingerprint
+    from recipe.tokens import SplitSummary
 
     texts = [f"Document {i}: words." for i in range(10)]
     summary = SplitSummary(10, sum(map(len, texts)), 0, 0, 0)
