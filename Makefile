@@ -42,12 +42,12 @@ test: $(STAMP)
 	$(PY) -m pytest $(ARGS)
 
 bench: $(STAMP)
-	$(PY) -m recipe.bench $(ARGS)
+	$(PY) -m recipe.bench.speed $(ARGS)
 
 # Held-out bits per byte against training cost for the default run and the candidates (long: runs train.py
 # one after another; ARGS="--baseline_steps 150" for a short look). Plot: docs/learning.png.
 bench-learning: $(STAMP)
-	$(PY) -m recipe.bench_learning $(ARGS)
+	$(PY) -m recipe.bench.learning $(ARGS)
 
 # A GPU machine's first minutes (README, "Checking a GPU machine"): no venv, no pip, no network. It uses the
 # venv's Python where there is one, else $(PYTHON); `make gpu-check PYTHON=python3` names the Python to use.
@@ -57,9 +57,9 @@ GPU_CHECK_PY = $(if $(filter command line,$(origin PYTHON)),$(PYTHON),$(if $(wil
 gpu-check:
 	@if [ -n "$(WHEELS)" ]; then $(GPU_CHECK_PY) -m pip install -q --no-index --find-links "$(WHEELS)" \
 		'transformers>=5.24,<6' 'accelerate>=1.15'; fi
-	$(GPU_CHECK_PY) recipe/gpu_check.py $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run) $(ARGS)
+	$(GPU_CHECK_PY) recipe/bench/gpu_check.py $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run) $(ARGS)
 
-# One prepared GPU benchmark (recipe/bench_gpu.py, ~5 min on one GPU): the training step's changes, micro-batches,
+# One prepared GPU benchmark (recipe/bench/gpu.py, ~5 min on one GPU): the training step's changes, micro-batches,
 # stock GPT2LMHeadModel and the modern model interleaved in one process, a kernel profile, then recipe/train.py on
 # real text (ARGS="--train_files 'DIR/*.txt'", or the default corpus cached). Python, DRY_RUN and WHEELS as
 # gpu-check; WHEELS also installs datasets and torchdata for the train.py section where their wheels are there.
@@ -68,7 +68,7 @@ bench-gpu:
 		'transformers>=5.24,<6' 'accelerate>=1.15' && { $(GPU_CHECK_PY) -m pip install -q --no-index \
 		--find-links "$(WHEELS)" 'datasets>=5.2,<6' 'torchdata>=0.11' \
 		|| echo "bench-gpu: no datasets/torchdata wheels there: the train.py section will say so"; }; fi
-	$(GPU_CHECK_PY) recipe/bench_gpu.py $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run) $(ARGS)
+	$(GPU_CHECK_PY) recipe/bench/gpu.py $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run) $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check recipe tests

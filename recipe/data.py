@@ -23,10 +23,10 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from recipe.config import ConfigError, RunConfig, load_config
-from recipe.documents import key, load_documents, texts
+from recipe.documents import iter_texts, load_documents, source_key
 from recipe.stream import PackedStream, stream_identity, stream_loader
 from recipe.tokenizer import get_tokenizer
-from recipe.tokens import SplitSummary, TokenBlocks, blocks, format_summary
+from recipe.tokens import SplitSummary, TokenBlocks, format_summary, token_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def prepare_data(
     cfg.validate()
     with main_process_first():
         splits, source, corpus_id = load_documents(cfg)
-        tokenizer = get_tokenizer(cfg, corpus_id, lambda: texts(splits["train"]))
+        tokenizer = get_tokenizer(cfg, corpus_id, lambda: iter_texts(splits["train"]))
         if isinstance(splits["train"], IterableDataset):
             # No datasets shuffle: its buffer reads ahead, and what it holds is lost on a resume.
             shards = splits["train"].num_shards
@@ -71,10 +71,12 @@ def prepare_data(
             train_summary = SplitSummary(0, 0, 0, 0, 0)
             fingerprint = None
         else:
-            train, train_summary = blocks(splits["train"], tokenizer, cfg, "train", key(cfg, "train"))
+            train, train_summary = token_blocks(
+                splits["train"], tokenizer, cfg, "train", source_key(cfg, "train")
+            )
             fingerprint, identity = _content_fingerprint(splits["train"], train_summary), None
-        validation, summary = blocks(
-            splits["validation"], tokenizer, cfg, "validation", key(cfg, "validation")
+        validation, summary = token_blocks(
+            splits["validation"], tokenizer, cfg, "validation", source_key(cfg, "validation")
         )
     summaries = {"train": train_summary, "validation": summary}
     # What a resume compares: the content, never paths, mtimes or cache keys (another node's copy of the

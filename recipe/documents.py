@@ -44,7 +44,7 @@ MIN_BYTES_PER_WORKER = 4 << 20  # less text than this tokenizes faster than a wo
 HOLD_OUT_BUCKETS = 1_000_000  # a document is held out when the hash of its text falls in the first share
 
 
-def key(cfg: RunConfig, split: str) -> str:
+def source_key(cfg: RunConfig, split: str) -> str:
     """The configuration key to name in an error about this split."""
     if split == "validation" and not cfg.validation_files and not cfg.dataset_name and cfg.train_files:
         return "validation_split_percentage"
@@ -76,7 +76,9 @@ def load_documents(cfg: RunConfig) -> tuple[dict, str, str]:
     train = splits["train"]
     if isinstance(train, Dataset):
         if len(train) == 0:
-            raise ConfigError(f"{key(cfg, 'train')}: the training corpus is empty (no document with text)")
+            raise ConfigError(
+                f"{source_key(cfg, 'train')}: the training corpus is empty (no document with text)"
+            )
         corpus_id = train._fingerprint
     else:  # a stream: identified by where it comes from
         corpus_id = Hasher.hash([cfg.dataset_name, cfg.dataset_config_name, cfg.train_files, cfg.text_column])
@@ -91,7 +93,9 @@ def load_documents(cfg: RunConfig) -> tuple[dict, str, str]:
             how += f"; {copies:,} copies of held-out texts dropped from training"
         source += f"; validation: {cfg.validation_split_percentage:g}% of the documents held out ({how})"
     if len(splits["validation"]) == 0:
-        raise ConfigError(f"{key(cfg, 'validation')}: the validation split is empty (no document with text)")
+        raise ConfigError(
+            f"{source_key(cfg, 'validation')}: the validation split is empty (no document with text)"
+        )
     return splits, source, corpus_id
 
 
@@ -109,7 +113,7 @@ def _hold_out(train: Dataset | IterableDataset, cfg: RunConfig) -> tuple[Dataset
         validation = _stream_documents(cfg, take or STREAM_VALIDATION_MAX_DOCUMENTS, "train", pct / 100)
         # Every process and DataLoader worker drops the same documents, whatever shards it reads; a copy of
         # a held-out text is dropped too. Only these documents leave training, not the whole share.
-        held = frozenset(_text_hash(t, cfg.seed) for t in texts(validation))
+        held = frozenset(_text_hash(t, cfg.seed) for t in iter_texts(validation))
         return train.filter(
             _not_held_out, input_columns="text", fn_kwargs={"held": held, "seed": cfg.seed}
         ), validation
@@ -121,14 +125,14 @@ def _hold_out(train: Dataset | IterableDataset, cfg: RunConfig) -> tuple[Dataset
         )
     split = train.train_test_split(test_size=held, seed=cfg.seed, shuffle=True)
     # As in a stream, a copy of a held-out text (boilerplate pages, mirrors) leaves training too.
-    held_hashes = frozenset(_text_hash(t, cfg.seed) for t in texts(split["test"]))
+    held_hashes = frozenset(_text_hash(t, cfg.seed) for t in iter_texts(split["test"]))
     kept = split["train"].filter(  # fingerprinted by the held-out split, not by pickling the set
         _not_held_out_batch,
         batched=True,
         input_columns="text",
         fn_kwargs={"held": held_hashes, "seed": cfg.seed},
         num_proc=num_proc(cfg, split["train"]),
-        new_fingerprint=step(
+        new_fingerprint=map_fingerprint(
             split["train"],
             _not_held_out_batch,
             split["test"]._fingerprint,
@@ -369,16 +373,18 @@ def _nonblank_text(text: str | None) -> bool:
 def _drop_blank(ds: Dataset | IterableDataset) -> Dataset | IterableDataset:
     if isinstance(ds, IterableDataset):  # one document at a time: a stream's state is exact per document
         return ds.filter(_nonblank_text, input_columns="text")
-    return ds.filter(_nonblank, batched=True, input_columns="text", new_fingerprint=step(ds, _nonblank))
+    return ds.filter(
+        _nonblank, batched=True, input_columns="text", new_fingerprint=map_fingerprint(ds, _nonblank)
+    )
 
 
-def step(ds: Dataset, fn: Callable, *params) -> str:
+def map_fingerprint(ds: Dataset, fn: Callable, *params) -> str:
     """The fingerprint of applying `fn` to `ds`, from the function's source text. datasets would pickle the
-    function instead, which differs between `python -m recipe.data` (__main__) and an import."""
+    function instead, which differs between a module run as __main__ and the same module imported."""
     return Hasher.hash([ds._fingerprint, fn.__name__, inspect.getsource(fn), *params])
 
 
-def texts(ds: Dataset | IterableDataset):
+def iter_texts(ds: Dataset | IterableDataset):
     for batch in ds.iter(batch_size=1000):
         yield from batch["text"]
 

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset as TorchDataset
 from transformers import PreTrainedTokenizerBase
 
 from recipe.config import ConfigError, RunConfig
-from recipe.documents import num_proc, step
+from recipe.documents import map_fingerprint, num_proc
 from recipe.tokenizer import tokenizer_fingerprint
 
 TOKENIZE_BATCH_DOCUMENTS = 256  # per map batch and per written arrow chunk: bounds a tokenizer's memory
@@ -128,7 +128,7 @@ class TokenBlocks(TorchDataset):
         return {"input_ids": window[:-1], "shift_labels": window[1:]}
 
 
-def blocks(
+def token_blocks(
     docs: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: RunConfig, split: str, key: str
 ) -> tuple[TokenBlocks, SplitSummary]:
     tokens = docs.map(
@@ -136,7 +136,9 @@ def blocks(
         num_proc=num_proc(cfg, docs),
         writer_batch_size=TOKENIZE_BATCH_DOCUMENTS,
         desc=f"Tokenizing {split}",
-        new_fingerprint=step(docs, tokenize, tokenizer_fingerprint(tokenizer), token_type(tokenizer)),
+        new_fingerprint=map_fingerprint(
+            docs, tokenize, tokenizer_fingerprint(tokenizer), token_type(tokenizer)
+        ),
         **_tokenize_kwargs(tokenizer),
     )
     blocks = TokenBlocks(tokens, cfg.block_size)

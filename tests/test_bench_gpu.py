@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from recipe import bench_gpu
+from recipe.bench import gpu as bench_gpu
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,7 +31,7 @@ def write_documents(folder: Path, n: int = 12) -> str:
 
 def test_dry_run_times_every_variant_and_train_py(tmp_path):
     out, summary = tmp_path / "out", tmp_path / "summary.md"
-    cmd = [sys.executable, str(ROOT / "recipe/bench_gpu.py"), "--dry-run", "--output_dir", str(out), "--summary",
+    cmd = [sys.executable, str(ROOT / "recipe/bench/gpu.py"), "--dry-run", "--output_dir", str(out), "--summary",
            str(summary), "--train_files", write_documents(tmp_path / "docs"), "--cache_dir", str(tmp_path / "cache")]  # fmt: skip
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240)  # offline: conftest
     output = proc.stdout + proc.stderr
@@ -88,7 +88,7 @@ def test_train_py_says_in_one_line_what_to_bring(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")
 def test_no_gpu_says_so_in_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "recipe/bench_gpu.py"), "--output_dir", str(tmp_path)],
+    proc = subprocess.run([sys.executable, str(ROOT / "recipe/bench/gpu.py"), "--output_dir", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 2
     assert proc.stdout.strip().splitlines()[-1].startswith("bench-gpu: FAIL: no CUDA GPU"), proc.stdout

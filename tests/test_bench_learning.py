@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from recipe import bench_learning as bl
+from recipe.bench import learning as bl
 
 
 def test_bench_fills_the_baseline_budget_and_tables_every_run(tmp_path, monkeypatch):

@@ -21,7 +21,7 @@ def test_dry_run_passes_without_datasets_or_matplotlib(tmp_path):
     )
     env = {**os.environ, "PYTHONPATH": str(hide), "HF_HUB_OFFLINE": "1"}
     # The short version (a few steps each); `make gpu-check DRY_RUN=1` runs the default plan.
-    cmd = [sys.executable, str(ROOT / "recipe/gpu_check.py"), "--dry-run", "--no-compile", "--steps", "6",
+    cmd = [sys.executable, str(ROOT / "recipe/bench/gpu_check.py"), "--dry-run", "--no-compile", "--steps", "6",
            "--resume-steps", "2", "--multi-steps", "3", "--mixed_precision", "bf16", "--output_dir", str(tmp_path / "out"),
            "--summary", str(tmp_path / "summary.md")]  # fmt: skip
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
@@ -39,7 +39,7 @@ def test_dry_run_passes_without_datasets_or_matplotlib(tmp_path):
 
 def test_a_failed_check_fails(monkeypatch):
     sys.path.insert(0, str(ROOT))
-    from recipe import gpu_check
+    from recipe.bench import gpu_check
 
     args = gpu_check.parse_args(["--dry-run"])
     found = {"gpus": "none", "torch": "x", "cuda": "none", "transformers": "x", "accelerate": "x"}
@@ -62,7 +62,7 @@ def test_a_failed_check_fails(monkeypatch):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")
 def test_no_gpu_says_so_in_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "recipe/gpu_check.py"), "--output_dir", str(tmp_path)],
+    proc = subprocess.run([sys.executable, str(ROOT / "recipe/bench/gpu_check.py"), "--output_dir", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 2
     assert proc.stdout.strip().splitlines()[-1].startswith("gpu-check: FAIL: no CUDA GPU"), proc.stdout

@@ -1,7 +1,7 @@
 """`make gpu-check`: spend a GPU machine's first minutes measuring, not debugging.
 
-    python3 recipe/gpu_check.py                # GPUs: 124M, bf16 + compile + fused AdamW; with 2+ GPUs DDP and FSDP too
-    python3 recipe/gpu_check.py --dry-run      # the same code paths on a CPU: a tiny model, 2 gloo processes
+    python3 recipe/bench/gpu_check.py                # GPUs: 124M, bf16 + compile + fused AdamW; with 2+ GPUs DDP and FSDP too
+    python3 recipe/bench/gpu_check.py --dry-run      # the same code paths on a CPU: a tiny model, 2 gloo processes
 
 Needs torch, transformers and accelerate (and safetensors and pyyaml, which they install), nothing else: no
 `datasets`, no tokenizer files, no network. The batches are random token ids (a pool of them, revisited, so
@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 if __package__ in (None, ""):  # run as a script: import `recipe` from this tree (it need not be installed)
     sys.path[0] = str(ROOT)
 
@@ -36,7 +36,7 @@ if __package__ in (None, ""):  # run as a script: import `recipe` from this tree
 NEEDS = {"torch": "2.4", "transformers": "5.24", "accelerate": "1.15", "safetensors": "0.4", "pyyaml": "6.0"}
 BELOW = {"transformers": "6"}
 IMPORT_NAME = {"pyyaml": "yaml"}
-TOOL = "gpu-check"  # what its lines start with; recipe/bench_gpu.py reuses the preflight as bench-gpu
+TOOL = "gpu-check"  # what its lines start with; recipe/bench/gpu.py reuses the preflight as bench-gpu
 RESULT = "gpu-check result: "  # a worker's one JSON line for the parent's summary
 EXPORT_TOLERANCE = 1e-5  # train.verify_export's
 
@@ -166,7 +166,7 @@ def train_steps(model, optimizers, schedulers, batches: Batches, steps: range, m
                 inputs: Callable[..., dict] = model_inputs):  # fmt: skip
     """The step of recipe/train.py: forward, backward, clip, step. Returns the losses (on the device, no sync).
     Without an accelerator (FSDP2 applied by hand, in the CPU rehearsal) backward and clip are torch's.
-    `inputs(x, y)` gives the forward's arguments (recipe/bench_gpu.py varies them)."""
+    `inputs(x, y)` gives the forward's arguments (recipe/bench/gpu.py varies them)."""
     import torch
 
     losses = []

@@ -1,7 +1,7 @@
 """`make bench-gpu`: one prepared call on one GPU that times the training step's changes side by side.
 
-    python3 recipe/bench_gpu.py              # one GPU (sized for ~5 min on an H100); tables for BENCHMARKS.md
-    python3 recipe/bench_gpu.py --dry-run    # the same code paths on a CPU: tiny models, fp32, no compile
+    python3 recipe/bench/gpu.py              # one GPU (sized for ~5 min on an H100); tables for BENCHMARKS.md
+    python3 recipe/bench/gpu.py --dry-run    # the same code paths on a CPU: tiny models, fp32, no compile
 
 One process builds every variant once (accelerate's Accelerator and `prepare`, as recipe/train.py does: bf16
 autocast, torch.compile, fused AdamW; gradient accumulation 1; random token ids), warms each up on its own
@@ -23,7 +23,7 @@ takes each one's median. At the GPT-2 124M shape (configs/gpt2-124m.yaml):
 Tokens/s, MFU (of the card's dense bf16 peak in recipe/metrics.py; a card it does not know: n/a) and peak
 memory for each, the goals as ratios, and everything in <output_dir>/bench_gpu.json.
 
-Runs where the project is not installed (`python3 recipe/bench_gpu.py` from the repository, as gpu_check.py):
+Runs where the project is not installed (`python3 recipe/bench/gpu.py` from the repository, as gpu_check.py):
 it needs torch (a CUDA build), transformers >= 5.24 and accelerate >= 1.15 (`make bench-gpu WHEELS=<folder>`
 installs them from wheels brought along) and says first what is missing. The train.py section also needs
 datasets and torchdata (their wheels, with dill, multiprocess and xxhash) and text: `--train_files 'DIR/*.txt'`
@@ -54,15 +54,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 if __package__ in (None, ""):  # run as a script: `recipe` from this tree (it need not be installed), and
     # gpu_check without `import recipe`, which needs transformers: its preflight is what says one is missing
     sys.path[0] = str(ROOT)
-    _spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "recipe" / "gpu_check.py")
+    _spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "recipe" / "bench" / "gpu_check.py")
     gpu_check = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(gpu_check)
 else:
-    from recipe import gpu_check
+    from recipe.bench import gpu_check
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,7 +216,7 @@ def old_muon(optimizer):
 def build(v: Variant, cfg, accelerator, compiling: bool) -> Built:
     import torch
 
-    from recipe.bench import build_stock
+    from recipe.bench.speed import build_stock
     from recipe.checkpoint import plain_model
     from recipe.config import TokenizerSize, gpt_config, padded_vocab_size
     from recipe.metrics import flops_per_token
@@ -338,7 +338,7 @@ def mfu(tokens_per_second: float | None, flops_per_token: float | None, peak: fl
 def timed_rounds(built: dict[str, Built], plan: Plan, accelerator, results: dict) -> None:
     """Every built variant, `plan.rounds` times in turn; tokens/s median and spread into `results`. A variant
     that fails keeps its error and leaves the later rounds."""
-    from recipe.bench import interleave
+    from recipe.bench.speed import interleave
 
     samples: dict[str, list[float]] = {k: [] for k in built}
 
@@ -760,7 +760,7 @@ def summary(found: dict, res: dict, args: argparse.Namespace, wall: float) -> st
             name = row["name"].replace("|", "/")
             name = name if len(name) <= 100 else name[:97] + "..."
             lines.append(f"| `{name}` | {row['ms_per_step']:.2f} | {100 * row['share']:.1f}% | {row['calls_per_step']:g} |")  # fmt: skip
-    lines += ["", f"Whole bench: {int(wall // 60)} min {wall % 60:.0f} s (`python3 recipe/bench_gpu.py{' --dry-run' if args.dry_run else ''}`)."]  # fmt: skip
+    lines += ["", f"Whole bench: {int(wall // 60)} min {wall % 60:.0f} s (`python3 recipe/bench/gpu.py{' --dry-run' if args.dry_run else ''}`)."]  # fmt: skip
     return "\n".join(lines)
 
 

@@ -1,7 +1,7 @@
 """Learning efficiency: held-out bits per byte against wall seconds, today's default and a few candidates.
 
-    python -m recipe.bench_learning                                  # ~45 min on 2 CPU cores
-    python -m recipe.bench_learning --baseline_steps 150 --candidates modern-muon   # a quick look
+    python -m recipe.bench.learning                                  # ~45 min on 2 CPU cores
+    python -m recipe.bench.learning --baseline_steps 150 --candidates modern-muon   # a quick look
 
 Every run is `recipe/train.py --config configs/shakespeare-gpt2.yaml` plus a candidate's overrides, so the
 corpus, tokenizer, held-out text (Hamlet + The Tempest) and its byte count are the same for all. Runs go one
@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BASELINE = "gpt2-adamw"
 # name -> (label, overrides on the base config). Only features a stock architecture expresses (Qwen3 here).
 CANDIDATES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -217,7 +217,7 @@ def bench_learning(args: argparse.Namespace) -> list[str]:
         f"## {datetime.date.today()} | learning efficiency | {platform.machine()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__}",
         "",
-        f"`python -m recipe.bench_learning --baseline_steps {args.baseline_steps}` on `{Path(args.config).name}` "
+        f"`python -m recipe.bench.learning --baseline_steps {args.baseline_steps}` on `{Path(args.config).name}` "
         f"plus each candidate's overrides: one run after another; the baseline's {args.baseline_steps} steps "
         f"set the wall budget, the others' step counts fill it (CPU seconds of a bare one-thread step, measured "
         f"just before: "
@@ -264,7 +264,7 @@ def _flags(overrides: dict[str, Any]) -> list[str]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m recipe.bench_learning", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m recipe.bench.learning", description=__doc__.splitlines()[0])
     p.add_argument("--config", default=str(ROOT / "configs" / "shakespeare-gpt2.yaml"))
     p.add_argument(
         "--baseline_steps", type=int, default=450, help="steps of the baseline: sets the wall budget"

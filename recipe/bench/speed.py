@@ -1,6 +1,6 @@
 """Side-by-side benchmark: one process, variants interleaved (A B A B ...) so machine noise hits all alike.
 
-    python -m recipe.bench [--config configs/shakespeare-gpt2.yaml] [--rounds 5] [--steps 5] [--skip compile,loop]
+    python -m recipe.bench.speed [--config configs/shakespeare-gpt2.yaml] [--rounds 5] [--steps 5] [--skip compile,loop]
 
 Prints a table with ratios and appends it to BENCHMARKS.md with the date and machine.
 Sections: ours vs stock GPT2LMHeadModel (tokens/s and MFU against the measured matmul peak); the full
@@ -34,7 +34,7 @@ from recipe.config import RunConfig, TokenizerSize, gpt_config, load_config
 from recipe.export import gpt2_state_dict_from
 from recipe.metrics import flops_per_token, measure_matmul_peak
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def build_ours(cfg: RunConfig, vocab: int, attn: str = "sdpa") -> GPTForCausalLM:
@@ -263,7 +263,7 @@ def bench_tokenization(config_path: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> str:
-    p = argparse.ArgumentParser(prog="python -m recipe.bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m recipe.bench.speed", description=__doc__.split("\n")[0])
     # The GPT-2 architecture: the model section compares against stock GPT2LMHeadModel with the same weights.
     p.add_argument("--config", default=str(ROOT / "configs" / "shakespeare-gpt2.yaml"))
     p.add_argument("--rounds", type=int, default=5)
@@ -272,10 +272,10 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
     args = p.parse_args(argv)
     args.skip = set(filter(None, args.skip.split(",")))
-    # Here, not at the top: recipe.bench_data needs `datasets`, which recipe/bench_gpu.py (importing
+    # Here, not at the top: recipe.bench.data needs `datasets`, which recipe/bench/gpu.py (importing
     # build_stock and interleave from this module) does without.
-    from recipe.bench_data import bench_data
-    from recipe.bench_data import parse_args as bench_data_args
+    from recipe.bench.data import bench_data
+    from recipe.bench.data import parse_args as bench_data_args
 
     cfg = load_config(["--config", args.config])
     vocab = cfg.vocab_size
@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> str:
         "tokenization": lambda: bench_tokenization(args.config),
         "data": lambda: bench_data(
             bench_data_args(["--throughput"])
-        ),  # preparation at two corpus sizes (recipe/bench_data.py)
+        ),  # preparation at two corpus sizes (recipe/bench/data.py)
     }
     started = time.perf_counter()
     for name, run in sections.items():

@@ -1,4 +1,4 @@
-"""Data preparation at two corpus sizes 10x apart: memory, cache and speed per token. `python -m recipe.bench_data`.
+"""Data preparation at two corpus sizes 10x apart: memory, cache and speed per token. `python -m recipe.bench.data`.
 
 The corpus is copies of the default Shakespeare corpus cut into ~3 KB documents, in jsonl shards, read with
 one fixed tokenizer (trained once on it), so only the corpus size changes. Each measurement is a fresh
@@ -36,7 +36,7 @@ import psutil
 from recipe.config import available_cores
 from recipe.documents import MIN_BYTES_PER_WORKER
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOC_BYTES = 3000
 SHARDS = 8
 
