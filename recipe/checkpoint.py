@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 from accelerate.utils import extract_model_from_parallel
-from transformers import GenerationConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
 from recipe.config import ConfigError, padding_ids
 
@@ -368,3 +368,36 @@ def resume_accumulation(saved: dict[str, Any], cfg, num_processes: int, streamin
             f"{num_processes}, and {why}; resume with {old_world} process(es)"
         )
     return per_step // num_processes
+
+
+EXPORT_TOLERANCE = 1e-5
+
+
+def verify_export(folder: Path, model) -> float:
+    """The saved folder reloads with plain transformers, every key in place, every tensor equal to the trained
+    model's and the same logits: a wrapper prefix or a lost tie would otherwise pass silently (random
+    weights). Returns the largest logit difference."""
+    reloaded, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+    bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if bad:
+        raise RuntimeError(f"the saved model in {folder} does not reload cleanly: {bad}")
+    reloaded.to(device=model.device, dtype=model.dtype).eval()
+    live = model.state_dict()
+    differ = [k for k, v in reloaded.state_dict().items() if not torch.equal(v, live[k])]
+    if differ:
+        raise RuntimeError(f"the saved model in {folder} differs from the trained one in {differ[:5]}")
+    # Under mixed precision accelerate wraps the live forward in autocast; compare the plain forwards.
+    forward = model.__dict__.get("_original_forward", model.forward)
+    was_training = model.training
+    model.eval()
+    shape = (2, min(32, model.config.max_position_embeddings))
+    ids = torch.randint(0, model.config.vocab_size, shape, generator=torch.Generator().manual_seed(0))
+    ids = ids.to(model.device)
+    with torch.no_grad():
+        diff = (forward(input_ids=ids).logits.float() - reloaded(input_ids=ids).logits.float()).abs().max()
+    model.train(was_training)
+    if not diff <= EXPORT_TOLERANCE:
+        raise RuntimeError(
+            f"the saved model in {folder} differs from the trained one: logits {diff:.3g} apart"
+        )
+    return float(diff)

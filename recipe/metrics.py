@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 def perplexity(loss: float) -> float:
@@ -183,3 +187,50 @@ def markdown_table(rows: list[tuple[str, ...]]) -> str:
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
+
+
+class Meter:
+    """Loss, tokens and time between log steps. The loss and the flag for a non-finite loss or gradient norm
+    stay on the device until read, so a step never waits for the host."""
+
+    def __init__(self, accelerator: Accelerator, flops_per_token: float, peak_flops: float | None):
+        self.accelerator, self.flops_per_token, self.peak = accelerator, flops_per_token, peak_flops
+        self.loss_sum = torch.zeros((), device=accelerator.device)
+        self.first_bad_step = torch.full((), -1, device=accelerator.device)
+        self.steps, self.tokens, self.start = 0, 0, time.perf_counter()
+        self.train_loss, self.window = float("nan"), 0
+
+    def step_done(self, step: int, tokens: int, grad_norm: torch.Tensor | None) -> None:
+        """`grad_norm` None: not checked (fp16's scaler skipped the step, or DeepSpeed keeps the norm)."""
+        self.steps, self.tokens = self.steps + 1, self.tokens + tokens
+        bad = ~torch.isfinite(self.loss_sum)
+        if isinstance(grad_norm, torch.Tensor):
+            bad = bad | ~torch.isfinite(grad_norm.to(bad.device))
+        self.first_bad_step = torch.where((self.first_bad_step < 0) & bad, step, self.first_bad_step)
+
+    def row(self, step: int, state: dict, lr: float, grad_norm) -> dict[str, float]:
+        """The log row since the last one (a collective: every process calls it); then start afresh."""
+        world = self.accelerator.num_processes
+        # Each micro-batch loss is its share of the window's mean: their sum over processes is the step's loss.
+        self.train_loss = (
+            self.accelerator.reduce(self.loss_sum, "sum") if world > 1 else self.loss_sum
+        ).item() / self.steps
+        tok_s = self.tokens / (time.perf_counter() - self.start)
+        # The whole run's mean (Trainer's train_loss) is kept in the state, which checkpoints save.
+        state["train_loss_sum"] = state.get("train_loss_sum", 0.0) + self.train_loss * self.steps
+        state["train_loss_steps"] = state.get("train_loss_steps", 0) + self.steps
+        self.window = self.steps
+        row = {"step": step, "epoch": state["epoch"], "loss": self.train_loss, "lr": lr, "grad_norm": float(grad_norm),
+               "tokens_per_second": tok_s, "tokens_seen": state["tokens_seen"]}  # fmt: skip
+        if self.peak:
+            row["mfu"] = tok_s * self.flops_per_token / self.peak
+        self.loss_sum.zero_()
+        self.steps, self.tokens, self.start = 0, 0, time.perf_counter()
+        return row
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside (evaluating, saving) does not count as training throughput."""
+        start = time.perf_counter()
+        yield
+        self.start += time.perf_counter() - start

@@ -1,13 +1,20 @@
-"""The README.md model card written into every exported model folder."""
+"""The README.md model card written into every model folder a run saves, with its loss plot and a sample."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import torch
 import yaml
 
 from recipe import hellaswag
+from recipe.metrics import JsonlLog, results_table
+from recipe.plots import plot_loss
+
+if TYPE_CHECKING:
+    from recipe.config import RunConfig
+    from recipe.data import PreparedData
 
 DESCRIPTION = {
     "gpt2": "GPT-2 architecture: pre-LayerNorm, learned positions, GELU MLP, tied embeddings",
@@ -126,3 +133,30 @@ def write_model_card(
         "",
     ]
     (output_dir / "README.md").write_text("\n".join(lines))
+
+
+@torch.no_grad()
+def write_sample(model, tokenizer, cfg: RunConfig) -> str | None:
+    """A sample with the sampling settings saved in the model's generation_config."""
+    if cfg.sample_max_new_tokens <= 0 or model is None:
+        return None
+    model.eval()
+    ids = tokenizer(cfg.sample_prompt, return_tensors="pt").input_ids.to(model.device)
+    if ids.shape[1] == 0:
+        ids = torch.tensor([[tokenizer.eos_token_id]], device=model.device)
+    torch.manual_seed(cfg.seed)
+    room = model.config.max_position_embeddings - ids.shape[1]  # learned positions end at the context length
+    out = model.generate(ids, max_new_tokens=min(cfg.sample_max_new_tokens, room))
+    model.train()
+    return tokenizer.decode(out[0], skip_special_tokens=True)
+
+
+def card_writer(cfg: RunConfig, data: PreparedData, log: JsonlLog, results: dict, sample: str | None = None):
+    """write_card(folder, model_config) for save_checkpoint and the end: model card, loss plot and results."""
+
+    def write_card(folder: Path, config) -> None:
+        vocab = len(data.tokenizer)  # the random-guess baseline: the ids text can hold, not the padded head
+        plot_loss(log.rows, folder / "loss.png", vocab)
+        write_model_card(folder, cfg, data, results, results_table(results, vocab), sample)
+
+    return write_card

@@ -260,7 +260,7 @@ def test_micro_batches_resume_mid_epoch_and_run_into_the_next():
 def test_evaluation_builds_no_cache(tiny_gpt):
     from accelerate import Accelerator
 
-    from recipe.train import evaluate
+    from recipe.scoring import evaluate
 
     model = tiny_gpt()
     seen = []
@@ -277,7 +277,7 @@ def test_no_load_path_unpickles_freely(tmp_path, tiny_gpt, monkeypatch):
     from accelerate import Accelerator
 
     from recipe.checkpoint import read_rank_state, save_checkpoint
-    from recipe.train import make_accelerator
+    from recipe.run_setup import make_accelerator
 
     cfg = RunConfig(output_dir=str(tmp_path), report_to="none")
     accelerator = make_accelerator(cfg)
@@ -312,7 +312,7 @@ def test_no_load_path_unpickles_freely(tmp_path, tiny_gpt, monkeypatch):
 
 def test_a_cpu_run_uses_the_cores_whatever_the_launcher_set(tmp_path, monkeypatch):
     """`accelerate launch` exports OMP_NUM_THREADS=1 for a single CPU process: half speed on 2 cores."""
-    from recipe.train import default_threads, make_accelerator
+    from recipe.run_setup import default_threads, make_accelerator
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
@@ -334,7 +334,7 @@ def test_the_export_check_holds_under_mixed_precision_and_catches_a_changed_weig
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    from recipe.train import verify_export
+    from recipe.checkpoint import verify_export
 
     AcceleratorState._reset_state(True)
     try:
@@ -372,7 +372,7 @@ def test_a_hub_dataset_is_read_at_one_commit_recorded_and_compared(monkeypatch, 
     import huggingface_hub
 
     import recipe.documents as documents_module
-    from recipe import train
+    from recipe import resume as train
     from recipe.checkpoint import check_same_run, run_identity
     from recipe.config import RunConfig
 

@@ -93,7 +93,7 @@ def test_equals_form_keeps_dashes_in_the_value():
 
 
 def test_no_token_in_the_resume_hint_in_any_argument_form():
-    from recipe.train import resume_hint
+    from recipe.stopping import resume_hint
 
     hint = resume_hint(
         ["--hub_token=hf_one", "--hub-token", "hf_two", "--hub-token=hf_three", "--max_steps", "5"], 1
@@ -105,7 +105,7 @@ def test_no_token_in_the_resume_hint_in_any_argument_form():
 def test_remote_code_runs_only_when_asked(monkeypatch, tiny_gpt, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    import recipe.train as train
+    import recipe.run_setup as train
 
     # Our own folder loads without remote code: `import recipe` registers the model.
     tiny_gpt().save_pretrained(tmp_path)

@@ -30,7 +30,7 @@ def eval_loss_of_folder(folder: Path, overrides: list[str]) -> float:
 
     from recipe.config import load_config
     from recipe.data import prepare_data
-    from recipe.train import evaluate
+    from recipe.scoring import evaluate
 
     cfg = load_config(["--config", TINY, *overrides])
     data = prepare_data(cfg)

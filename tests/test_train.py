@@ -178,7 +178,7 @@ def test_the_padded_vocabulary_is_never_generated_nor_scored(full_run, hellaswag
 
     from recipe import evaluate as evaluate_cli
     from recipe.export import export_model
-    from recipe.train import evaluate
+    from recipe.scoring import evaluate
 
     tokenizer = AutoTokenizer.from_pretrained(full_run)
     model = AutoModelForCausalLM.from_pretrained(full_run).eval()
@@ -485,7 +485,7 @@ def test_a_non_finite_gradient_norm_is_a_bad_step_like_a_non_finite_loss():
     """Checked on the device, read at the next agreement (before any save): the run stops naming the step."""
     from types import SimpleNamespace
 
-    from recipe.train import Meter
+    from recipe.metrics import Meter
 
     meter = Meter(SimpleNamespace(device=torch.device("cpu"), num_processes=1), 1.0, None)
     meter.loss_sum += 2.5
@@ -499,7 +499,7 @@ def test_a_non_finite_gradient_norm_is_a_bad_step_like_a_non_finite_loss():
 
 def test_the_prepared_loader_copies_to_the_device_without_blocking(tmp_path):
     from recipe.config import load_config
-    from recipe.train import make_accelerator
+    from recipe.run_setup import make_accelerator
 
     accelerator = make_accelerator(load_config(["--config", TINY, "--output_dir", str(tmp_path), *QUIET]))
     loader = accelerator.prepare(torch.utils.data.DataLoader(list(range(8)), batch_size=2, pin_memory=False))

@@ -221,7 +221,7 @@ def build(v: Variant, cfg, accelerator, compiling: bool) -> Built:
     from recipe.config import TokenizerSize, gpt_config, padded_vocab_size
     from recipe.metrics import flops_per_token
     from recipe.optim import build_optimizers
-    from recipe.train import build_model
+    from recipe.run_setup import build_model
 
     device = accelerator.device
     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
@@ -589,7 +589,7 @@ def bare_round(b: Built, rounds: int, plan: Plan, accelerator) -> list[float]:
 def bench(args: argparse.Namespace, out: Path) -> dict:
     """Build and warm every variant, the interleaved rounds, the profiles, then train.py. Returns everything
     measured; a variant that fails holds its error."""
-    from recipe.train import make_accelerator
+    from recipe.run_setup import make_accelerator
 
     plan = args.plan
     first_cfg = variant_config(Variant("today", ""), args, out)

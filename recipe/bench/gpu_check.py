@@ -95,7 +95,7 @@ def preflight(dry_run: bool) -> dict[str, str]:
     if gpus and not dry_run and not torch.cuda.is_bf16_supported():
         log("WARNING: this GPU has no bf16; pass --mixed_precision fp16 or no")
     try:
-        importlib.import_module("recipe.train").show_progress_messages(True)
+        importlib.import_module("recipe.run_setup").show_progress_messages(True)
     except Exception as err:  # noqa: BLE001
         fail(f"cannot import the project's training code with these versions: {type(err).__name__}: {err}")
     return found
@@ -207,7 +207,7 @@ def build(cfg, accelerator, seed: int):
     from accelerate.utils import set_seed
 
     from recipe.optim import build_optimizers
-    from recipe.train import build_model
+    from recipe.run_setup import build_model
 
     set_seed(seed)
     model = build_model(cfg, SyntheticTokenizer(cfg.vocab_size))
@@ -262,7 +262,7 @@ def throughput(cfg, accelerator, model, optimizers, schedulers, batches, steps: 
 
 def export_check(folder: Path, model) -> float:
     """train.verify_export: clean keys, logits within 1e-5 (raises otherwise); returns the max logit gap."""
-    from recipe.train import verify_export
+    from recipe.checkpoint import verify_export
 
     return verify_export(folder, model)
 
@@ -297,7 +297,7 @@ def single_device(args: argparse.Namespace, out: Path, res: dict) -> None:
     import torch
 
     from recipe.checkpoint import save_checkpoint
-    from recipe.train import make_accelerator
+    from recipe.run_setup import make_accelerator
 
     steps, warmup, resumed, _ = args.steps_plan
     cfg = run_config(args, steps + resumed, out)
@@ -415,7 +415,7 @@ def resumed_runs(cfg, checkpoint: Path, batches: Batches, steps: range, seed: in
 
     import torch
 
-    from recipe.train import make_accelerator
+    from recipe.run_setup import make_accelerator
 
     accelerator = make_accelerator(cfg)
     model, optimizers, schedulers = build(cfg, accelerator, seed)
@@ -457,7 +457,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     from recipe.checkpoint import save_checkpoint, save_model_folder
-    from recipe.train import show_progress_messages
+    from recipe.run_setup import show_progress_messages
 
     show_progress_messages(False)
     out = Path(args.output_dir) / args.worker
@@ -468,7 +468,7 @@ def worker(args: argparse.Namespace) -> None:
         accelerator, rank, world, device = None, *_shard_on_cpu_mesh(cfg)
         model, optimizers, schedulers = _fully_sharded(cfg)
     else:
-        from recipe.train import make_accelerator
+        from recipe.run_setup import make_accelerator
 
         accelerator = make_accelerator(cfg)
         rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
@@ -509,7 +509,7 @@ def _shard_on_cpu_mesh(cfg):
     import torch
     import torch.distributed as dist
 
-    from recipe.train import default_threads
+    from recipe.run_setup import default_threads
 
     dist.init_process_group("gloo")
     torch.set_num_threads(cfg.num_threads or default_threads())
@@ -524,7 +524,7 @@ def _fully_sharded(cfg):
     from torch.distributed.fsdp import fully_shard
 
     from recipe.optim import build_optimizers, make_schedule
-    from recipe.train import build_model
+    from recipe.run_setup import build_model
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     set_seed(cfg.seed)

@@ -1,0 +1,61 @@
+"""Scoring a model along a run and at its end: the held-out loss, perplexity, bits per byte and next-token
+accuracy (`evaluate`), and HellaSwag for the run (`hellaswag_items`, `score_hellaswag`; the task itself, its
+data and lm-evaluation-harness's scoring are in recipe/hellaswag.py, which `python -m recipe.evaluate` uses)."""
+
+from __future__ import annotations
+
+import torch
+from accelerate import Accelerator
+
+from recipe import hellaswag
+from recipe.config import RunConfig
+from recipe.metrics import bits_per_byte, perplexity
+
+
+@torch.no_grad()
+def evaluate(model, dataloader, accelerator: Accelerator, bytes_per_token: float, vocab: int) -> dict[str, float]:  # fmt: skip
+    """Token-weighted loss and next-token accuracy over all processes (gather_for_metrics drops the padding
+    duplicates), and how many blocks were scored, over the tokenizer's `vocab` ids (not the padded rows of
+    the head). No KV cache: nothing is generated."""
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # nll, correct, count, blocks
+    for batch in dataloader:
+        logits = model(input_ids=batch["input_ids"], use_cache=False).logits[..., :vocab]  # (B, T, V)
+        labels = batch["shift_labels"]  # (B, T)
+        nll = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1).float(), labels.flatten(), reduction="none"
+        )
+        mask = labels.ne(-100)
+        correct = logits.argmax(-1).eq(labels) & mask
+        rows = [(nll.view_as(labels) * mask).sum(1), correct.sum(1), mask.sum(1), torch.ones_like(mask[:, 0])]
+        totals += accelerator.gather_for_metrics(torch.stack(rows, 1).double()).sum(
+            0
+        )  # (B * processes, 4) -> (4,)
+    model.train()
+    nll, correct, count, blocks = totals.tolist()
+    loss = nll / max(count, 1)
+    return {
+        "eval_loss": loss,
+        "perplexity": perplexity(loss),
+        "eval_bits_per_byte": bits_per_byte(loss, bytes_per_token),
+        "eval_accuracy": correct / max(count, 1),
+        "eval_blocks": int(blocks),
+    }
+
+
+def hellaswag_items(
+    cfg: RunConfig, accelerator: Accelerator, tokenizer, config
+) -> list[hellaswag.Item] | None:
+    """HellaSwag's items, tokenised once, or None when it is off. Fetched once per node, before step 1, so a
+    missing source stops the run before anything is written."""
+    if not cfg.hellaswag:
+        return None
+    with accelerator.local_main_process_first():
+        dataset = hellaswag.load_hellaswag(cfg.cache_dir, cfg.hellaswag_path)
+    return hellaswag.encode_items(dataset, tokenizer, hellaswag.context_length(config, tokenizer))
+
+
+def score_hellaswag(model, items: list[hellaswag.Item], cfg: RunConfig, final: bool, vocab: int) -> dict[str, float]:  # fmt: skip
+    """The fixed subset along the way, every item at the end (a compiled model runs eagerly: hellaswag.score)."""
+    subset = items if final else hellaswag.evenly_spaced(items, cfg.hellaswag_items)
+    return hellaswag.metrics(hellaswag.score(model, subset, cfg.hellaswag_batch_size, vocab_size=vocab))
