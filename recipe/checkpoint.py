@@ -269,8 +269,10 @@ def check_model_matches(checkpoint: Path, config) -> None:
         if key not in _RESUMABLE_CONFIG_KEYS and saved[key] != ours[key]
     ]
     if differ:
+        # A checkpoint from before the vocabulary was padded (pad_vocab_size_to_multiple_of) has the tokenizer's.
+        hint = " (--pad_vocab_size_to_multiple_of 1 builds the unpadded vocabulary)" if "vocab_size" in saved and saved["vocab_size"] < ours.get("vocab_size", 0) else ""  # fmt: skip
         raise ConfigError(
-            f"resume_from_checkpoint: {checkpoint} holds a different model: {'; '.join(differ)}. "
+            f"resume_from_checkpoint: {checkpoint} holds a different model: {'; '.join(differ)}{hint}. "
             "Resume with the checkpoint's settings, or start a new output_dir"
         )
 
@@ -321,7 +323,10 @@ def check_same_run(checkpoint: Path, saved: dict[str, Any], cfg, data) -> list[s
     ]
     if changes and not cfg.resume_new_schedule:
         differ.append(f"the schedule ({', '.join(changes)}; --resume_new_schedule true runs the new one)")
-    optimizer = saved.get("optimizer", ours["optimizer"])
+    # Keys a checkpoint written before they existed lacks are their defaults then (not unknown: skipped).
+    optimizer = (
+        {"muon_split_fused": False, **saved["optimizer"]} if "optimizer" in saved else ours["optimizer"]
+    )
     other = [
         f"{k} {optimizer[k]} -> {v}"
         for k, v in ours["optimizer"].items()

@@ -64,8 +64,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     if args.limit is not None:
         dataset = dataset.select(range(min(args.limit, len(dataset))))
     items = hellaswag.encode_items(dataset, tokenizer, hellaswag.context_length(model.config, tokenizer))
-    # Scored over the tokenizer's ids, as train.py scores it: a padded head's extra rows take no probability.
-    result = hellaswag.score(model, items, args.batch_size, progress=True, vocab_size=len(tokenizer))
+    # Our padded head's extra rows take no probability; a stock model is scored over all its logits, as lm-eval.
+    vocab = hellaswag.scored_vocab(model, tokenizer)
+    result = hellaswag.score(model, items, args.batch_size, progress=True, vocab_size=vocab)
     results = hellaswag.metrics(result)
     if state.is_main_process:
         stderr = f"standard error: acc_norm ±{result['acc_norm_stderr']:.4f}, acc ±{result['acc_stderr']:.4f}"

@@ -241,6 +241,19 @@ def score(
             "acc_norm_stderr": stderr(acc_norm), "items": n, "logliks": logliks}  # fmt: skip
 
 
+def scored_vocab(model, tokenizer) -> int | None:
+    """The logits `score` normalises over: the tokenizer's ids where the model's vocabulary padding is ours
+    (its ids past the tokenizer's are exactly generation_config.suppress_tokens), else all of them, as
+    lm-evaluation-harness does (a stock model's padded vocabulary, Pythia's or Qwen's, is scored as it)."""
+    from recipe.checkpoint import plain_model
+    from recipe.config import padding_ids
+
+    inner = plain_model(model)
+    padding = padding_ids(inner.config.vocab_size, tokenizer)
+    suppressed = getattr(getattr(inner, "generation_config", None), "suppress_tokens", None)
+    return len(tokenizer) if padding and list(suppressed or []) == padding else None
+
+
 def _loglikelihoods(model, items: list[Item], device: torch.device, vocab_size: int | None) -> torch.Tensor:
     """(items, endings): the summed log-probability of each ending's tokens, in fp32."""
     sequences = [s for item in items for s in item.sequences]

@@ -33,8 +33,13 @@ def flops_per_token(config: Any, seq_len: int) -> float:
     position embeddings are a lookup and do not count. Attention: 12 * layers * hidden * seq_len (PaLM, App. B).
     """
     hidden, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
-    inner = config.intermediate_size or 4 * hidden
-    mlp = 3 if getattr(config, "architecture", "gpt2") == "modern" else 2  # SwiGLU: gate, up, down
+    inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+    # SwiGLU (gate, up, down): our modern architecture, or a stock model with a SiLU MLP (Llama, Qwen3)
+    architecture = getattr(config, "architecture", None)
+    gated = architecture == "modern" or (
+        architecture is None and getattr(config, "hidden_act", None) == "silu"
+    )
+    mlp = 3 if gated else 2
     per_layer = 4 * hidden * hidden + mlp * hidden * inner  # qkv + out projection, MLP
     n_matmul = layers * per_layer + vocab * hidden
     return 6 * n_matmul + 12 * layers * hidden * seq_len
@@ -42,8 +47,9 @@ def flops_per_token(config: Any, seq_len: int) -> float:
 
 # Dense (not 2:4 sparse) bf16 tensor-core peaks from the vendors' data sheets, FLOP/s per GPU, matched against
 # torch.cuda.get_device_name in this order (the first pattern that matches names the card). fp16 is the same;
-# fp32 matmuls run as TF32, half of it. A card not listed gets tokens/s and no MFU.
-GPU_PEAKS: list[tuple[str, str, float]] = [
+# fp32 matmuls run as TF32 at half of it, except where a fourth entry gives the card's fp32 peak (no TF32).
+# A card not listed gets tokens/s and no MFU; a MIG slice is measured against its whole card.
+GPU_PEAKS: list[tuple] = [
     (r"GH200", "GH200", 989e12),
     (r"H200 NVL", "H200 NVL", 835e12),
     (r"H200", "H200 SXM", 989e12),
@@ -60,47 +66,46 @@ GPU_PEAKS: list[tuple[str, str, float]] = [
     (r"L40S", "L40S", 362e12),
     (r"\bL40\b", "L40", 181e12),
     (r"\bL4\b", "L4", 121e12),
+    (r"\bA10G\b", "A10G (the A10's data sheet)", 125e12),  # AWS g5: NVIDIA publishes no A10G sheet
     (r"\bA10\b", "A10", 125e12),
     (r"RTX A6000", "RTX A6000", 155e12),
     (r"RTX 4090", "RTX 4090", 165e12),
     (r"RTX 3090", "RTX 3090", 71e12),
-    (r"V100", "V100 (fp16)", 125e12),
-    (r"\bT4\b", "T4 (fp16)", 65e12),
+    (r"(?i)V100.*PCIe", "V100 PCIe (fp16)", 112e12, 14e12),
+    (r"V100", "V100 SXM (fp16)", 125e12, 15.7e12),
+    (r"\bT4\b", "T4 (fp16)", 65e12, 8.1e12),
 ]
 
 
-def card_peak(device_name: str) -> tuple[str, float] | None:
-    """(the card it matched, dense bf16 FLOP/s) for a CUDA device name, or None for a card not listed."""
-    for pattern, card, peak in GPU_PEAKS:
+def card_peak(device_name: str, mixed_precision: str = "bf16") -> tuple[str, float] | None:
+    """(the card it matched, its dense FLOP/s at the run's precision) for a CUDA device name, or None for a
+    card not listed. bf16 / fp16: the tensor-core peak; otherwise TF32 (half) or the card's fp32 peak."""
+    for pattern, card, peak, *fp32 in GPU_PEAKS:
         if re.search(pattern, device_name):
-            return card, peak
+            return card, peak if mixed_precision in ("bf16", "fp16") else (fp32[0] if fp32 else peak / 2)
     return None
 
 
-def gpu_card(device: torch.device) -> tuple[str, float] | None:
+def gpu_card(device: torch.device, mixed_precision: str = "bf16") -> tuple[str, float] | None:
     """This GPU's entry in GPU_PEAKS, or None (not a GPU, or a card we have no data-sheet figure for)."""
-    return card_peak(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    return card_peak(torch.cuda.get_device_name(device), mixed_precision) if device.type == "cuda" else None
 
 
 def gpu_peak_flops(device: torch.device, mixed_precision: str) -> float | None:
     """One GPU's dense peak from its data sheet at the run's precision, or None."""
-    found = gpu_card(device)
-    if found is None:
-        return None
-    return found[1] if mixed_precision in ("bf16", "fp16") else found[1] / 2  # fp32 matmuls run as TF32
+    found = gpu_card(device, mixed_precision)
+    return None if found is None else found[1]
 
 
 def describe_peak(device: torch.device, mixed_precision: str) -> str:
     """What MFU is measured against, in one line."""
     if device.type == "cpu":
         return "MFU against this CPU's measured fp32 matmul rate"
-    found = gpu_card(device)
+    found = gpu_card(device, mixed_precision)
     if found is None:
         return f"MFU: n/a ({torch.cuda.get_device_name(device)} is not in recipe/metrics.py's GPU_PEAKS): tokens/s only"  # fmt: skip
-    tf32 = "" if mixed_precision in ("bf16", "fp16") else ", halved for TF32"
-    return (
-        f"MFU against the {found[0]}'s {found[1] / 1e12:,.0f} TFLOP/s (dense bf16, data sheet{tf32}) per GPU"
-    )
+    what = "dense bf16" if mixed_precision in ("bf16", "fp16") else "fp32 matmuls"
+    return f"MFU against the {found[0]}'s {found[1] / 1e12:,.4g} TFLOP/s ({what}, data sheet) per GPU"
 
 
 def run_peak_flops(device: torch.device, mixed_precision: str, num_processes: int) -> float | None:

@@ -43,8 +43,8 @@ def causal_lm_loss(
     equal to `ForCausalLMLoss` on the same inputs."""
     logits, targets = logits.flatten(0, 1), shift_labels.flatten()  # (B*T, V), (B*T,)
     keep = targets.ne(-100)
-    target_logits = logits.gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1)  # (B*T,)
-    nll = (torch.logsumexp(logits.float(), dim=-1) - target_logits.float()) * keep
+    target_logits = logits.gather(1, targets.masked_fill(~keep, 0).unsqueeze(1)).squeeze(1)  # (B*T,)
+    nll = torch.where(keep, torch.logsumexp(logits.float(), dim=-1) - target_logits.float(), 0.0)
     count = keep.sum() if num_items_in_batch is None else num_items_in_batch
     return nll.sum() / count
 

@@ -26,7 +26,12 @@ from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 from recipe import GPTForCausalLM
-from recipe.checkpoint import list_checkpoints, load_weights_from_model_folder, skip_weights_in_save_state
+from recipe.checkpoint import (
+    generation_config,
+    list_checkpoints,
+    load_weights_from_model_folder,
+    skip_weights_in_save_state,
+)
 from recipe.config import ConfigError, RunConfig, available_cores, gpt_config
 
 if TYPE_CHECKING:  # recipe.data (and `datasets`) is imported in train.main(): `make gpu-check` runs without
@@ -125,6 +130,8 @@ def dataloaders(data: PreparedData, cfg: RunConfig, device: torch.device) -> tup
 def build_model(cfg: RunConfig, tokenizer) -> GPTForCausalLM:
     if not cfg.model_name_or_path:
         model = GPTForCausalLM(gpt_config(cfg, tokenizer))
+        # Sampling defaults, and the vocabulary padding never generated (as the saved folders have it).
+        model.generation_config = generation_config(model.config, tokenizer)
     else:
         model = AutoModelForCausalLM.from_pretrained(
             cfg.model_name_or_path,

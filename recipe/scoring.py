@@ -55,7 +55,9 @@ def hellaswag_items(
     return hellaswag.encode_items(dataset, tokenizer, hellaswag.context_length(config, tokenizer))
 
 
-def score_hellaswag(model, items: list[hellaswag.Item], cfg: RunConfig, final: bool, vocab: int) -> dict[str, float]:  # fmt: skip
-    """The fixed subset along the way, every item at the end (a compiled model runs eagerly: hellaswag.score)."""
+def score_hellaswag(model, items: list[hellaswag.Item], cfg: RunConfig, final: bool, tokenizer) -> dict[str, float]:  # fmt: skip
+    """The fixed subset along the way, every item at the end (a compiled model runs eagerly: hellaswag.score),
+    over the logits `python -m recipe.evaluate` scores the saved folder's (hellaswag.scored_vocab)."""
     subset = items if final else hellaswag.evenly_spaced(items, cfg.hellaswag_items)
+    vocab = hellaswag.scored_vocab(model, tokenizer)
     return hellaswag.metrics(hellaswag.score(model, subset, cfg.hellaswag_batch_size, vocab_size=vocab))

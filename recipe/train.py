@@ -12,6 +12,7 @@ the loop itself needs; the set-up is in `recipe/run_setup.py`, resuming in `reci
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import signal
@@ -25,7 +26,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from recipe import GPTForCausalLM, hellaswag
+from recipe import hellaswag
 from recipe.checkpoint import (
     SAMPLING,
     plain_model,
@@ -100,12 +101,17 @@ def micro_batches(dataloader, state: dict[str, Any], accum: int, accelerator: Ac
 
 
 def training_loss(model, batch: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor) -> torch.Tensor:
-    """The training forward: the loss summed over the batch's targets / the window's. Our model returns it
-    alone (`skip_logits`: no (B, T, V) logits leave the compiled graph, nor accelerate's fp32 copy of them);
-    another model (model_name_or_path) returns its logits too."""
-    ours = isinstance(plain_model(model), GPTForCausalLM)
-    return model(input_ids=batch["input_ids"], shift_labels=batch["shift_labels"],
-                 num_items_in_batch=num_items_in_batch, **({"skip_logits": True} if ours else {})).loss  # fmt: skip
+    """The training forward: the loss summed over the batch's targets / the window's. Our model (also loaded
+    from a folder's own code) returns it alone (`skip_logits`: no (B, T, V) logits leave the compiled graph,
+    nor accelerate's fp32 copy of them). Another model (model_name_or_path) computes a loss only when given
+    `labels`, and its loss function takes the pre-shifted `shift_labels` before them."""
+    targets = batch["shift_labels"].contiguous()  # a no-op for the loader's batches; the loss views it flat
+    if "skip_logits" in inspect.signature(plain_model(model).forward).parameters:
+        extra = {"skip_logits": True}
+    else:
+        extra = {"labels": targets}
+    return model(input_ids=batch["input_ids"], shift_labels=targets, num_items_in_batch=num_items_in_batch,
+                 **extra).loss  # fmt: skip
 
 
 def run_results(state, meter: Meter, last_eval: dict, data: PreparedData, n_params: int) -> dict[str, Any]:
@@ -365,7 +371,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         ):
             with meter.paused():
                 last_hellaswag = score_hellaswag(
-                    model, hellaswag_data, cfg, step == cfg.max_steps, len(data.tokenizer)
+                    model, hellaswag_data, cfg, step == cfg.max_steps, data.tokenizer
                 )
                 log_row(accelerator, log, {"step": step, **last_hellaswag}, progress, "eval")
         state["train_runtime"] = runtime_before + time.perf_counter() - t_start

@@ -31,7 +31,7 @@ def write_documents(folder: Path, n: int = 12) -> str:
 
 def test_dry_run_times_every_variant_and_train_py(tmp_path):
     out, summary = tmp_path / "out", tmp_path / "summary.md"
-    cmd = [sys.executable, str(ROOT / "recipe/bench/gpu.py"), "--dry-run", "--output_dir", str(out), "--summary",
+    cmd = [sys.executable, str(ROOT / "recipe/bench/gpu.py"), "--dry-run", "--output_dir", str(out), "--extras", "--summary",
            str(summary), "--train_files", write_documents(tmp_path / "docs"), "--cache_dir", str(tmp_path / "cache")]  # fmt: skip
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240)  # offline: conftest
     output = proc.stdout + proc.stderr
@@ -39,7 +39,7 @@ def test_dry_run_times_every_variant_and_train_py(tmp_path):
     table = summary.read_text()
     assert "FAIL" not in table and "not available" not in table, table
     plan = bench_gpu.parse_args(["--dry-run"]).plan
-    for v in bench_gpu.variants(plan, max_autotune=False):  # every row, with a tokens/s
+    for v in bench_gpu.variants(plan, max_autotune=False, extras=True):  # every row, with a tokens/s
         row = next((line for line in table.splitlines() if line.startswith(f"| {v.label}")), None)
         assert row is not None and row.split("|")[3].strip()[0].isdigit(), (v.label, table)
     train_row = next(line for line in table.splitlines() if line.startswith("| recipe/train.py"))

@@ -196,13 +196,18 @@ def test_mfu_denominator_is_every_device_of_the_run(monkeypatch):
         ("NVIDIA A100 80GB PCIe", "A100", 312), ("NVIDIA L40S", "L40S", 362), ("NVIDIA L40", "L40", 181),
         ("NVIDIA L4", "L4", 121), ("NVIDIA B200", "B200", 2250), ("NVIDIA GB200", "GB200", 2500),
         ("NVIDIA GeForce RTX 4090", "RTX 4090", 165), ("NVIDIA GeForce RTX 2080 Ti", None, None),
+        ("NVIDIA A10G", "A10G (the A10's data sheet)", 125), ("NVIDIA A10", "A10", 125),
+        ("Tesla V100-SXM2-16GB", "V100 SXM (fp16)", 125), ("Tesla V100-PCIE-32GB", "V100 PCIe (fp16)", 112),
     ],
 )  # fmt: skip
 def test_mfu_names_the_card_it_matched_and_none_for_an_unknown_one(device_name, card, tflops):
     from recipe.metrics import card_peak
 
     found = card_peak(device_name)
-    assert (found and (found[0], found[1] / 1e12)) == ((card, tflops) if card else None)
+    assert (found and (found[0], round(found[1] / 1e12))) == ((card, tflops) if card else None)
+    if card:  # fp32: TF32 at half the bf16 peak, or the card's own fp32 figure where it has no TF32
+        fp32 = card_peak(device_name, "no")[1] / 1e12
+        assert fp32 == pytest.approx({"V100 SXM (fp16)": 15.7, "V100 PCIe (fp16)": 14}.get(card, tflops / 2))
 
 
 def test_the_schedule_warms_up_then_reaches_its_floor_exactly_at_max_steps():
@@ -402,3 +407,23 @@ def test_a_hub_dataset_is_read_at_one_commit_recorded_and_compared(monkeypatch, 
     resumed = RunConfig(dataset_name="someone/corpus", cache_dir=str(tmp_path))
     train.pin_dataset_revision(resumed, SimpleNamespace(is_main_process=True, num_processes=1), tmp_path)
     assert resumed.dataset_revision == "abc123"
+
+
+def test_a_checkpoint_from_before_a_new_setting_is_named_not_a_traceback(tmp_path, tiny_tokenizer):
+    """Before vocabulary padding: the refusal names the setting that rebuilds the checkpoint's model. Before
+    muon_split_fused: the checkpoint's is the default (false), so asking for true is refused in one line."""
+    from types import SimpleNamespace
+
+    from recipe.checkpoint import check_model_matches, check_same_run, run_identity
+
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 1000, "hidden_size": 32}))
+    with pytest.raises(ConfigError, match="--pad_vocab_size_to_multiple_of 1"):
+        check_model_matches(
+            tmp_path, SimpleNamespace(to_dict=lambda: {"vocab_size": 1024, "hidden_size": 32})
+        )
+    data = SimpleNamespace(tokenizer=tiny_tokenizer, fingerprint="data")
+    old = run_identity(RunConfig(optim="muon"), data)
+    del old["optimizer"]["muon_split_fused"]  # what a checkpoint written before the key holds
+    assert check_same_run(tmp_path, old, RunConfig(optim="muon"), data) == []
+    with pytest.raises(ConfigError, match="muon_split_fused False -> True"):
+        check_same_run(tmp_path, old, RunConfig(optim="muon", muon_split_fused=True), data)

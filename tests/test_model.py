@@ -472,10 +472,13 @@ def sdpa_nodes(graphs) -> list:
     ]
 
 
-def recording_backend(graphs: list):
+def recording_backend(graphs: list, then: str | None = None):
+    """Records each graph dynamo traces; runs it as traced, or through the backend `then`."""
+    from torch._dynamo.backends.registry import lookup_backend
+
     def backend(gm, inputs):
         graphs.append(gm.graph)
-        return gm.forward
+        return lookup_backend(then)(gm, inputs) if then else gm.forward
 
     return backend
 
@@ -491,7 +494,8 @@ def test_unpadded_forward_reaches_attention_with_no_mask_and_keeps_the_gradients
     torch._dynamo.reset()
     model, x = make().train(), ids(seq=16)
     graphs = []
-    compiled = torch.compile(model, backend=recording_backend(graphs))
+    # aot_eager: the backward is AOT autograd's traced one (decomposed ops), not eager autograd's again.
+    compiled = torch.compile(model, backend=recording_backend(graphs, then="aot_eager"))
     compiled_loss = compiled(input_ids=x, labels=x, use_cache=False).loss
     compiled_loss.backward()
     compiled_grads = grads(model)

@@ -226,8 +226,12 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def test_muon_under_ddp_equals_one_process_on_the_whole_batch(tmp_path):
+@pytest.mark.parametrize("per_node", [2, 1])
+def test_muon_under_ddp_equals_one_process_on_the_whole_batch(tmp_path, monkeypatch, per_node):
+    """2 processes on a node share the Newton-Schulz; 1 process per node (2 nodes) does all of it itself."""
     import torch.multiprocessing as mp
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(per_node))
 
     from recipe import GPTConfig, GPTForCausalLM
 
@@ -249,10 +253,11 @@ def test_muon_under_ddp_equals_one_process_on_the_whole_batch(tmp_path):
         torch.testing.assert_close(ranks[0][name], ranks[1][name], rtol=0, atol=0, msg=name)  # in step
         torch.testing.assert_close(ranks[0][name], value, rtol=1e-4, atol=1e-5, msg=name)  # and right
         assert not torch.equal(value, initial[name]), name
-    # Each rank orthogonalised one of the two matrices of each of the 4 shapes per step (2 layers).
+    # Shared: each rank orthogonalised one of the two matrices of each of the 4 shapes per step (2 layers);
+    # alone on its node: both.
     hidden = {tuple(p.shape) for p in hidden_matrices(model)}
     for s in saved:
-        assert sorted(s["orthogonalised"]) == sorted([(1, *shape) for shape in hidden] * 2)
+        assert sorted(s["orthogonalised"]) == sorted([(2 // per_node, *shape) for shape in hidden] * 2)
 
 
 def test_batched_muon_equals_the_per_matrix_update():

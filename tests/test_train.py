@@ -177,6 +177,7 @@ def test_the_padded_vocabulary_is_never_generated_nor_scored(full_run, hellaswag
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from recipe import evaluate as evaluate_cli
+    from recipe import hellaswag
     from recipe.export import export_model
     from recipe.scoring import evaluate
 
@@ -193,6 +194,10 @@ def test_the_padded_vocabulary_is_never_generated_nor_scored(full_run, hellaswag
     for m in (model, AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2")):
         out = m.generate(prompt, max_new_tokens=4, do_sample=True, output_scores=True, return_dict_in_generate=True)  # fmt: skip
         assert all(torch.isneginf(step[:, 1000:]).all() for step in out.scores), type(m).__name__
+    # HellaSwag normalises over the tokenizer's ids where the padding is ours, over all logits elsewhere (lm-eval).
+    assert hellaswag.scored_vocab(model, tokenizer) == hellaswag.scored_vocab(stock, tokenizer) == 1000
+    stock.generation_config.suppress_tokens = None  # a stock model with a padded vocabulary of its own
+    assert hellaswag.scored_vocab(stock, tokenizer) is None
     del stock
 
     before = evaluate_cli.main(["--model", str(full_run), "--hellaswag_path", str(hellaswag_file), "--output", str(tmp_path / "a.json")])  # fmt: skip
@@ -594,3 +599,43 @@ def test_the_data_is_compared_by_content_not_by_paths_or_mtimes(tmp_path):
     assert _content_fingerprint(a, summary) == _content_fingerprint(b, summary)
     changed = Dataset.from_dict({"text": texts[:-1] + ["Document 9: other words."]})
     assert _content_fingerprint(changed, summary) != _content_fingerprint(a, summary)
+
+
+def test_the_training_loss_of_a_stock_model_and_of_ours_loaded_from_its_own_code(tiny_gpt, tmp_path):
+    """model_name_or_path may be any causal LM: a stock one gets `labels` (it computes a loss only then) and
+    the pre-shifted targets; ours, also as a folder's remote code, the loss-only forward. FLOPs count for all."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Qwen3Config, Qwen3ForCausalLM
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    from recipe.metrics import flops_per_token
+    from recipe.train import training_loss
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 97, (2, 13))
+    batch = {"input_ids": ids[:, :-1], "shift_labels": ids[:, 1:]}
+    stock = [
+        GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=97, n_positions=16, bos_token_id=0, eos_token_id=0)),
+        Qwen3ForCausalLM(Qwen3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, head_dim=8, vocab_size=97)),
+    ]  # fmt: skip
+    ours = tiny_gpt()
+    ours.save_pretrained(tmp_path)
+    # The folder's own copy of the code, as a process without recipe loads it with trust_remote_code.
+    remote_class = get_class_from_dynamic_module("modeling_gpt.GPTForCausalLM", tmp_path)
+    remote = remote_class.from_pretrained(tmp_path)
+    assert type(remote).__module__.startswith("transformers_modules")  # not recipe's own class
+    for model in [m.eval() for m in (*stock, ours, remote)]:  # no dropout
+        logits = model(input_ids=batch["input_ids"]).logits
+        expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["shift_labels"].flatten())
+        seen: list[set] = []
+        record = lambda m, args, kwargs, seen=seen: seen.append(set(kwargs))  # noqa: E731
+        hook = model.register_forward_pre_hook(record, with_kwargs=True)
+        loss = training_loss(model, batch, torch.tensor(24))
+        hook.remove()
+        torch.testing.assert_close(loss, expected, msg=type(model).__name__)
+        assert ("skip_logits" in seen[0]) == (model not in stock) and ("labels" in seen[0]) == (
+            model in stock
+        )
+        assert flops_per_token(model.config, 12) > 6 * 2 * 32 * 32
+    gated, plain = flops_per_token(stock[1].config, 12), flops_per_token(GPT2Config(n_embd=32, n_layer=2, n_inner=64, vocab_size=97, bos_token_id=0, eos_token_id=0), 12)  # fmt: skip
+    assert gated - plain == 6 * 2 * 32 * 64  # the SwiGLU's third matrix

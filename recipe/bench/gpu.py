@@ -1,27 +1,31 @@
 """`make bench-gpu`: one prepared call on one GPU that times the training step's changes side by side.
 
-    python3 recipe/bench/gpu.py              # one GPU (sized for ~5 min on an H100); tables for BENCHMARKS.md
+    python3 recipe/bench/gpu.py              # one GPU; tables for BENCHMARKS.md
     python3 recipe/bench/gpu.py --dry-run    # the same code paths on a CPU: tiny models, fp32, no compile
 
 One process builds every variant once (accelerate's Accelerator and `prepare`, as recipe/train.py does: bf16
 autocast, torch.compile, fused AdamW; gradient accumulation 1; random token ids), warms each up on its own
-(first step = compile), then times them in interleaved rounds (A B C A B C ..., recipe.bench.interleave) and
-takes each one's median. At the GPT-2 124M shape (configs/gpt2-124m.yaml):
-- today's step, with the changes off: (a) mask-free causal attention (off: explicit position_ids, so
-  create_causal_mask builds a (B, 1, T, T) mask under compile), (b) the loss-only forward (skip_logits; off:
-  (B, T, V) logits, and accelerate's fp32 copy of them), (c) the vocabulary padded to a multiple of 64 (off:
-  GPT-2's 50,257 rows); then each change alone on top of it, and all of them together;
-- all together at micro-batch 16, 32 and 64, and compiled with fullgraph=True (with --max-autotune also
+(first step = compile), then times them in interleaved rounds (A B C A B C ..., recipe.bench.speed.interleave)
+and takes each one's median. At the GPT-2 124M shape (configs/gpt2-124m.yaml):
+- issue 18's baseline (87f148a, where the H100 measured 374,652 tokens/s), with the changes off: (a) mask-free
+  causal attention (off: explicit position_ids, so create_causal_mask builds a (B, 1, T, T) mask under
+  compile, as it did then), (b) the loss-only forward (skip_logits; off: (B, T, V) logits, and accelerate's
+  fp32 copy of them), (c) the vocabulary padded to a multiple of 64 (off: GPT-2's 50,257 rows), (d) Muon
+  batched per shape and compiled (off: one matrix at a time, eagerly); then each change alone on top of it,
+  and all of them together ((a) and batched Muon had landed before the rest);
+- all together at micro-batch 16, 32 and 64 (`--extras`: also compiled with fullgraph=True; `--max-autotune`:
   mode="max-autotune-no-cudagraphs", which autotunes for minutes);
 - transformers' stock GPT2LMHeadModel (sdpa, compiled, same shape, batch and optimizer, vocab 50,304);
-- the modern architecture with Muon (configs/modern-124m.yaml): today's, with (d) the batched compiled Muon
-  alone, and all new;
+- the modern architecture with Muon (configs/modern-124m.yaml): the baseline, with (d) alone, and all new;
 - torch.profiler's top kernels for a few steps of today's and the all-new step (the attention kernels' names
   say flash, cuDNN or memory-efficient);
 - recipe/train.py itself, a subprocess at the same shape on real text (data loader, logging, stop agreement),
   against the bare all-new step timed just before and after it.
 Tokens/s, MFU (of the card's dense bf16 peak in recipe/metrics.py; a card it does not know: n/a) and peak
-memory for each, the goals as ratios, and everything in <output_dir>/bench_gpu.json.
+memory for each, the goals as ratios, and everything in <output_dir>/bench_gpu.json (rewritten after each phase,
+so a call stopped at its limit keeps what was measured). Time: each variant's first step compiles (~25 s
+each on an H100, from gpu-check), 11 variants, then the rounds, the profile and train.py (which compiles
+again): about 6-8 minutes in all, not yet measured; `--skip KEY,...` drops variants to fit a shorter call.
 
 Runs where the project is not installed (`python3 recipe/bench/gpu.py` from the repository, as gpu_check.py):
 it needs torch (a CUDA build), transformers >= 5.24 and accelerate >= 1.15 (`make bench-gpu WHEELS=<folder>`
@@ -117,12 +121,12 @@ class Variant:
 OLD = {"mask_free": False, "loss_only": False, "pad_vocab": False, "new_muon": False}
 
 
-def variants(plan: Plan, max_autotune: bool, config_batch: int | None = None) -> list[Variant]:
+def variants(plan: Plan, max_autotune: bool, config_batch: int | None = None, extras: bool = False) -> list[Variant]:  # fmt: skip
     """Every variant, in the table's order. The all-new step runs at the config's micro-batch (default: the
     plan's first) and at each other one in the plan."""
     config_batch = config_batch or plan.micro_batches[0]
     out = [
-        Variant("today", "today's step: (a)-(c) off", **OLD),
+        Variant("today", "issue 18's baseline (87f148a): (a)-(c) off", **OLD),
         Variant("mask-free", "+ (a) mask-free attention", **{**OLD, "mask_free": True}),
         Variant("loss-only", "+ (b) loss-only forward", **{**OLD, "loss_only": True}),
         Variant("vocab-pad", "+ (c) vocabulary padded to 64", **{**OLD, "pad_vocab": True}),
@@ -133,13 +137,14 @@ def variants(plan: Plan, max_autotune: bool, config_batch: int | None = None) ->
         for b in plan.micro_batches
         if b != config_batch
     ]
-    out.append(Variant("fullgraph", "all new, compile fullgraph=True", compile={"fullgraph": True}))
+    if extras:  # issue 18 item 7: worth measuring, each one more compile
+        out.append(Variant("fullgraph", "all new, compile fullgraph=True", compile={"fullgraph": True}))
     if max_autotune:
         out.append(Variant("max-autotune", "all new, compile max-autotune-no-cudagraphs",
                            compile={"mode": "max-autotune-no-cudagraphs"}))  # fmt: skip
     return out + [
         Variant("stock", "stock GPT2LMHeadModel (sdpa, vocab padded)", arch="stock"),
-        Variant("modern-today", "modern + Muon, today's: (a)-(d) off", arch="modern", **OLD),
+        Variant("modern-today", "modern + Muon, issue 18's baseline: (a)-(d) off", arch="modern", **OLD),
         Variant(
             "modern-muon", "modern + Muon, + (d) batched compiled Muon", "modern", **{**OLD, "new_muon": True}
         ),
@@ -593,7 +598,7 @@ def bench(args: argparse.Namespace, out: Path) -> dict:
 
     plan = args.plan
     first_cfg = variant_config(Variant("today", ""), args, out)
-    chosen = variants(plan, args.max_autotune, first_cfg.per_device_train_batch_size)
+    chosen = variants(plan, args.max_autotune, first_cfg.per_device_train_batch_size, args.extras)
     chosen = [v for v in chosen if v.key not in args.skip]
     # One accelerator for all: accelerate's state (precision, compile plugin) is global to the process.
     accelerator = make_accelerator(first_cfg)
@@ -612,6 +617,8 @@ def bench(args: argparse.Namespace, out: Path) -> dict:
     for v in sorted(chosen, key=lambda v: v.key != "fullgraph"):
         build_and_warm(v, args, out, accelerator, compiling, built, results[v.key])
     timed_rounds(built, plan, accelerator, results)
+    partial = {"card": name, "peak_flops": peak, "variants": results, "partial": "the variants' rounds only"}
+    write_json(out, partial)  # a call stopped at its limit still leaves the rounds' figures
     for key, b in built.items():
         res = results[key]
         if "tokens_per_second" in res:
@@ -625,6 +632,7 @@ def bench(args: argparse.Namespace, out: Path) -> dict:
             profiles[key] = {"label": results[key]["label"], **profile(built[key], plan.profile, accelerator)}
         except Exception as err:  # noqa: BLE001
             profiles[key] = {"label": results[key]["label"], "error": f"{type(err).__name__}: {err}"[:300]}
+    write_json(out, {**partial, "profiles": profiles, "partial": "no train.py section yet"})
     bare_key = next((k for k in ("all-new", "today") if k in built and "error" not in results[k]), None)
     release(built, keep=bare_key)  # train.py needs the GPU's memory
     if device.type == "cuda":
@@ -642,6 +650,11 @@ def bench(args: argparse.Namespace, out: Path) -> dict:
     return {"card": name, "peak_flops": peak, "peak_source": peak_source, "device": str(device),
             "compile": compiling, "precision": gpu_check._precision(first_cfg), "shape": _shape(first_cfg),
             "variants": results, "profiles": profiles, "train_py": train}  # fmt: skip
+
+
+def write_json(out: Path, data: dict) -> None:
+    """<output_dir>/bench_gpu.json, rewritten after each phase (the last one holds everything)."""
+    (out / "bench_gpu.json").write_text(json.dumps(data, indent=2, default=str))
 
 
 def build_and_warm(v: Variant, args, out: Path, accelerator, compiling: bool, built: dict, res: dict) -> None:  # fmt: skip
@@ -800,6 +813,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--train_files", help="text for recipe/train.py (glob patterns, comma-separated); default: the cached default corpus")  # fmt: skip
     p.add_argument("--cache_dir", help="recipe/train.py's cache_dir (where the default corpus is cached)")
+    p.add_argument("--extras", action="store_true", help="also the all-new step compiled with fullgraph=True")
     p.add_argument("--max-autotune", action="store_true", help="also compile mode max-autotune-no-cudagraphs (minutes)")  # fmt: skip
     p.add_argument("--skip", default="", help="comma-separated variant keys, or profile, train.py")
     p.add_argument("--output_dir", default=str(ROOT / "outputs/bench-gpu"))
@@ -839,7 +853,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + table + "\n", flush=True)
     if args.summary:
         Path(args.summary).write_text(table + "\n")
-    (out / "bench_gpu.json").write_text(json.dumps({"found": found, "plan": dataclasses.asdict(args.plan), **res}, indent=2, default=str))  # fmt: skip
+    write_json(out, {"found": found, "plan": dataclasses.asdict(args.plan), **res})
     failed = [k for k, r in res["variants"].items() if "error" in r]
     failed += ["train.py"] if res["train_py"] and "error" in res["train_py"] else []
     log(
