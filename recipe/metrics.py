@@ -66,8 +66,7 @@ GPU_PEAKS: list[tuple] = [
     (r"L40S", "L40S", 362e12),
     (r"\bL40\b", "L40", 181e12),
     (r"\bL4\b", "L4", 121e12),
-    (r"\bA10G\b", "A10G (the A10's data sheet)", 125e12),  # AWS g5: NVIDIA publishes no A10G sheet
-    (r"\bA10\b", "A10", 125e12),
+    (r"\bA10\b", "A10", 125e12),  # not the A10G (AWS g5): no NVIDIA data sheet, lower tensor peak
     (r"RTX A6000", "RTX A6000", 155e12),
     (r"RTX 4090", "RTX 4090", 165e12),
     (r"RTX 3090", "RTX 3090", 71e12),

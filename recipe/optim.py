@@ -202,18 +202,23 @@ def refuse_sharded(model: torch.nn.Module) -> None:
 
 
 def node_group():
-    """The process group of this node's processes (torchrun and accelerate number a node's ranks
-    consecutively; LOCAL_WORLD_SIZE says how many), the whole world if every node has them all, or None if
-    this process is alone on its node. A collective: every process calls it, in the same order."""
+    """This node's processes as a process group (the whole world on one machine), or None where this
+    process is alone on its machine. A collective every process calls in the same order: the machines are
+    told apart by every rank's host name, gathered once, so every rank takes the same decisions (nodes may
+    run different numbers of processes, their ranks need not be consecutive)."""
+    import socket
+
     import torch.distributed as dist
 
-    world = dist.get_world_size()
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    if local <= 1:
-        return None
-    if local >= world or world % local:  # one node, or nodes of unequal size: share among all
+    hosts: list[str] = [None] * dist.get_world_size()  # type: ignore[list-item]
+    dist.all_gather_object(hosts, socket.gethostname())
+    nodes: dict[str, list[int]] = {}
+    for rank, host in enumerate(hosts):
+        nodes.setdefault(host, []).append(rank)
+    if len(nodes) == 1:
         return dist.group.WORLD
-    return dist.new_subgroups(group_size=local)[0]
+    mine, _ = dist.new_subgroups_by_enumeration(list(nodes.values()))
+    return mine if len(nodes[hosts[dist.get_rank()]]) > 1 else None
 
 
 def fused_blocks(model: torch.nn.Module) -> dict[int, int]:

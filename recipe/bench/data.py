@@ -395,7 +395,7 @@ def bench_data(args: argparse.Namespace) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m recipe.bench.data", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--copies", type=int, default=1, help="copies of the corpus for the small size (x10: large)"
     )

@@ -616,6 +616,7 @@ def bench(args: argparse.Namespace, out: Path) -> dict:
     # the same guards and backend would otherwise reuse a graph compiled without fullgraph, or it theirs).
     for v in sorted(chosen, key=lambda v: v.key != "fullgraph"):
         build_and_warm(v, args, out, accelerator, compiling, built, results[v.key])
+        write_json(out, {"card": name, "variants": results, "partial": "warming up the variants"})
     timed_rounds(built, plan, accelerator, results)
     partial = {"card": name, "peak_flops": peak, "variants": results, "partial": "the variants' rounds only"}
     write_json(out, partial)  # a call stopped at its limit still leaves the rounds' figures
@@ -654,7 +655,9 @@ def bench(args: argparse.Namespace, out: Path) -> dict:
 
 def write_json(out: Path, data: dict) -> None:
     """<output_dir>/bench_gpu.json, rewritten after each phase (the last one holds everything)."""
-    (out / "bench_gpu.json").write_text(json.dumps(data, indent=2, default=str))
+    staged = out / "bench_gpu.json.tmp"
+    staged.write_text(json.dumps(data, indent=2, default=str))
+    staged.replace(out / "bench_gpu.json")  # whole or not at all, if the call is stopped while writing
 
 
 def build_and_warm(v: Variant, args, out: Path, accelerator, compiling: bool, built: dict, res: dict) -> None:  # fmt: skip

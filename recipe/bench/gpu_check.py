@@ -38,7 +38,7 @@ BELOW = {"transformers": "6"}
 IMPORT_NAME = {"pyyaml": "yaml"}
 TOOL = "gpu-check"  # what its lines start with; recipe/bench/gpu.py reuses the preflight as bench-gpu
 RESULT = "gpu-check result: "  # a worker's one JSON line for the parent's summary
-EXPORT_TOLERANCE = 1e-5  # train.verify_export's
+EXPORT_TOLERANCE = 1e-5  # checkpoint.verify_export's
 
 # (single-device steps, warm-up steps, resumed steps, steps under DDP / FSDP): GPU and CPU rehearsal.
 GPU_STEPS = (300, 20, 20, 30)
@@ -261,7 +261,7 @@ def throughput(cfg, accelerator, model, optimizers, schedulers, batches, steps: 
 
 
 def export_check(folder: Path, model) -> float:
-    """train.verify_export: clean keys, logits within 1e-5 (raises otherwise); returns the max logit gap."""
+    """checkpoint.verify_export: clean keys, logits within 1e-5 (raises otherwise); returns the max logit gap."""
     from recipe.checkpoint import verify_export
 
     return verify_export(folder, model)

@@ -39,9 +39,9 @@ CANDIDATES: dict[str, tuple[str, dict[str, Any]]] = {
     "gpt2-muon": ("GPT-2 + Muon", {"architecture": "gpt2", "optim": "muon"}),
     "modern-adamw": ("modern + AdamW", {"architecture": "modern", "optim": "adamw"}),
     "modern-muon": ("modern + Muon", {"architecture": "modern", "optim": "muon"}),
-    "modern-muon-split": (
-        "modern + Muon, q/k/v and gate/up apart",
-        {"architecture": "modern", "optim": "muon", "muon_split_fused": True},
+    "modern-muon-whole": (
+        "modern + Muon, fused matrices whole",
+        {"architecture": "modern", "optim": "muon", "muon_split_fused": False},
     ),
     "modern-muon-lr4e-3": (
         "modern + Muon, lr 4e-3",
