@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import json
+import os
 import signal
 import sys
 import time
@@ -295,6 +296,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model, optimizers, schedulers, train_dl, eval_dls = prepare(
         accelerator, cfg, model, optimizers, schedulers, train_dl, eval_dls, streaming
     )
+    if world > 1:
+        HELD_UNTIL_EXIT.append(model)  # see cli(): never freed while the process lives
     init_trackers(accelerator, cfg)
     state = resume(accelerator, checkpoint, train_dl, schedulers)
     if checkpoint is not None:
@@ -396,9 +399,29 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     return results
 
 
-if __name__ == "__main__":
+# The prepared model of a run with several processes. Freeing DDP's reducer destroys its gloo process group,
+# and that waits, holding the GIL, for gloo's worker thread, which may itself be waiting for the GIL to free
+# the tensors of the last collective: a deadlock (torch 2.13, seen in the tests when main() returned). So the
+# model is never freed: cli() ends the process without the interpreter's teardown.
+HELD_UNTIL_EXIT: list = []
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """`python recipe/train.py ...`: main(), a ConfigError as one line (exit code 2), a stop's own exit
+    code, then the process ends without the interpreter's teardown (HELD_UNTIL_EXIT). Everything a run writes
+    is closed by then (end_training, the Hub's uploads waited for)."""
+    code: int | str | None = 0
     try:
-        main()
+        main(argv)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
+    except SystemExit as stop:  # stop_run's exit codes
+        code = stop.code
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0 if code is None else code if isinstance(code, int) else 1)  # sys.exit("text"): 1
+
+
+if __name__ == "__main__":
+    cli()

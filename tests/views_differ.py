@@ -31,8 +31,4 @@ if rank == 1 and view == "weights":
 
     recipe.train.resume = resume_then_differ
 sys.argv = [str(ROOT / "recipe" / "train.py"), *sys.argv[1:]]
-try:
-    recipe.train.main()
-except recipe.train.ConfigError as err:  # as train.py's __main__ does
-    print(f"error: {err}", file=sys.stderr)
-    sys.exit(2)
+recipe.train.cli()  # as train.py's __main__ does
