@@ -12,6 +12,7 @@ the loop itself needs; the set-up is in `recipe/run_setup.py`, resuming in `reci
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 import json
@@ -101,13 +102,20 @@ def micro_batches(dataloader, state: dict[str, Any], accum: int, accelerator: Ac
         epoch, skip = epoch + 1, 0
 
 
+@functools.cache
+def takes_skip_logits(model_class: type) -> bool:
+    """Whether the class's forward returns the loss alone on request (ours, also as a folder's remote code):
+    read once per class, not at every micro-batch."""
+    return "skip_logits" in inspect.signature(model_class.forward).parameters
+
+
 def training_loss(model, batch: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor) -> torch.Tensor:
     """The training forward: the loss summed over the batch's targets / the window's. Our model (also loaded
     from a folder's own code) returns it alone (`skip_logits`: no (B, T, V) logits leave the compiled graph,
     nor accelerate's fp32 copy of them). Another model (model_name_or_path) computes a loss only when given
     `labels`, and its loss function takes the pre-shifted `shift_labels` before them."""
     targets = batch["shift_labels"].contiguous()  # a no-op for the loader's batches; the loss views it flat
-    if "skip_logits" in inspect.signature(plain_model(model).forward).parameters:
+    if takes_skip_logits(type(plain_model(model))):
         extra = {"skip_logits": True}
     else:
         extra = {"labels": targets}

@@ -327,11 +327,8 @@ def card(device) -> tuple[str, float | None, str]:
         name = platform.processor() or platform.machine() or "CPU"
         return name, metrics.measure_matmul_peak("cpu"), "this CPU's measured fp32 matmul peak"
     name = torch.cuda.get_device_name(device)
-    if hasattr(metrics, "gpu_card"):
-        matched = metrics.gpu_card(device)
-        return (name, None, "no peak known") if matched is None else (name, matched[1], f"{matched[0]}, dense bf16 (data sheet)")  # fmt: skip
-    peak = metrics.gpu_peak_flops(device, "bf16")
-    return name, peak, "dense bf16 (data sheet)" if peak else "no peak known"
+    matched = metrics.gpu_card(device)
+    return (name, None, "no peak known") if matched is None else (name, matched[1], f"{matched[0]}, dense bf16 (data sheet)")  # fmt: skip
 
 
 def mfu(tokens_per_second: float | None, flops_per_token: float | None, peak: float | None) -> float | None:
