@@ -12,6 +12,19 @@ from recipe.config import RunConfig
 from recipe.metrics import bits_per_byte, perplexity
 
 
+def token_scores(model, input_ids: torch.Tensor, shift_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(log-probability of each target, whether it is the argmax), both (B, T), over all of the head's rows
+    (as lm-evaluation-harness scores a model); 0 and False where the target is -100. The one entry every
+    evaluation scores through: the held-out loss and accuracy, HellaSwag and the downstream suite."""
+    logits = model(input_ids=input_ids, use_cache=False).logits  # (B, T, V)
+    keep = shift_labels.ne(-100)
+    nll = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1).float(), shift_labels.flatten(), reduction="none"
+    ).view_as(shift_labels)
+    correct = logits.argmax(-1).eq(shift_labels) & keep
+    return torch.where(keep, -nll, 0.0), correct
+
+
 @torch.no_grad()
 def evaluate(model, dataloader, accelerator: Accelerator, bytes_per_token: float, vocab: int) -> dict[str, float]:  # fmt: skip
     """Token-weighted loss and next-token accuracy over all processes (gather_for_metrics drops the padding
