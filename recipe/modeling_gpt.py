@@ -38,12 +38,19 @@ _IS_CAUSAL_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3")
 # 50,304-token vocabulary and leaves a small vocabulary's batch whole (8,192 tokens of 4,096 ids). Measured in
 # BENCHMARKS.md ("Chunked head"): 2**24-2**26 run alike; smaller chunks pay per-chunk overhead.
 HEAD_CHUNK_LOGITS = 2**25
+# Under torch.compile the chunk loop is unrolled into the graph, and compiling grows faster than the chunk count
+# (a 1-layer model on this CPU: 45 s at 1 chunk, 60 s at 8, 209 s at 32): compiled, the tokens are cut into at
+# most this many chunks, each larger where the batch is (fused by inductor, a chunk's logits cost ~4 bytes each).
+HEAD_COMPILED_CHUNKS = 8
 
 
 def head_chunks(tokens: int, vocab_size: int, chunk_logits: int | None = None) -> int:
     """Tokens per chunk of the head: as many as keep `chunk_logits` (default HEAD_CHUNK_LOGITS) logits in
-    flight, at least one."""
-    return max(1, min(tokens, (chunk_logits or HEAD_CHUNK_LOGITS) // vocab_size))
+    flight, at least one; under torch.compile enough for at most HEAD_COMPILED_CHUNKS chunks."""
+    chunk = max(1, min(tokens, (chunk_logits or HEAD_CHUNK_LOGITS) // vocab_size))
+    if torch.compiler.is_compiling():
+        chunk = max(chunk, -(-tokens // HEAD_COMPILED_CHUNKS))
+    return chunk
 
 
 def _matmul_dtype(hidden: torch.Tensor) -> torch.dtype:

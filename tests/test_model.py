@@ -660,10 +660,14 @@ def test_chunked_loss_under_bf16_autocast_and_accumulation(make, monkeypatch):
 
 def test_compiled_chunked_loss_matches_eager(tiny_gpt, monkeypatch):
     """torch.compile with fullgraph (the chunk loop and the autograd.Function trace without a break; AOT
-    autograd builds the backward from the Function's) gives eager's loss and gradients."""
+    autograd builds the backward from the Function's) gives eager's loss and gradients; compiled, the loop is
+    cut into at most HEAD_COMPILED_CHUNKS chunks (it is unrolled in the graph), where eager runs 36 of 1 token."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
     import recipe.modeling_gpt as modeling
 
-    monkeypatch.setattr(modeling, "HEAD_CHUNK_LOGITS", 5 * 97)
+    monkeypatch.setattr(modeling, "HEAD_CHUNK_LOGITS", 1 * 97)
     model = randomise(tiny_gpt(architecture="modern")).train()
     x, y = head_batch()
     n = torch.tensor(41)
@@ -671,12 +675,23 @@ def test_compiled_chunked_loss_matches_eager(tiny_gpt, monkeypatch):
     eager.backward()
     expected = grads(model)
     model.zero_grad()
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    head_matmuls = []  # in the forward graph: the matmuls whose output is (chunk, V), one per chunk
+
+    def count(gm, example_inputs):
+        head_matmuls.extend(
+            node for node in gm.graph.nodes
+            if node.target is torch.ops.aten.mm.default and node.meta["val"].shape[-1] == 97
+        )  # fmt: skip
+        return make_boxed_func(gm.forward)
+
+    backend = aot_autograd(fw_compiler=count, bw_compiler=lambda gm, _: make_boxed_func(gm.forward))
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
     loss = compiled(input_ids=x, shift_labels=y, num_items_in_batch=n, skip_logits=True).loss
     loss.backward()
     assert abs(float(loss.detach() / eager.detach()) - 1) < 1e-5
     for name, grad in grads(model).items():
         assert relative(grad, expected[name]) < 1e-5, name
+    assert len(head_matmuls) == modeling.HEAD_COMPILED_CHUNKS  # 36 tokens: 8 chunks of 5 (the last of 1)
 
 
 def test_token_scores_equal_log_softmax_of_the_whole_logits(make, monkeypatch):

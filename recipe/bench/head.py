@@ -23,7 +23,8 @@ import time
 
 import torch
 
-from recipe import GPTConfig, GPTForCausalLM
+from recipe import GPTConfig, GPTForCausalLM, modeling_gpt
+from recipe.modeling_gpt import HEAD_CHUNK_LOGITS, head_chunks
 
 MEMORY_SHAPE = dict(architecture="modern", hidden_size=768, num_hidden_layers=2, num_attention_heads=12,
                     vocab_size=50304, max_position_embeddings=1024)  # fmt: skip
@@ -67,12 +68,27 @@ def _status_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-def measure_one(kind: str, what: str, device: str, batch: int, shape: dict) -> float:
-    """MiB above the model's own memory at the peak of one step (`what`: train or eval), this process."""
+def measure_one(kind: str, what: str, device: str, batch: int, shape: dict, bf16: bool = False,
+                compiled: bool = False) -> float:  # fmt: skip
+    """MiB above the model's own memory at the peak of one step (`what`: train or eval), this process.
+    `bf16`: under bf16 autocast; `compiled`: torch.compile'd, the peak of the step after the compiling one
+    (its gradients freed first, so the base is the model alone again)."""
     torch.manual_seed(0)
     model = GPTForCausalLM(GPTConfig(**shape)).to(device)
     x = torch.randint(0, shape["vocab_size"], (batch, shape["max_position_embeddings"]), device=device)
     y = torch.randint(0, shape["vocab_size"], x.shape, device=device)
+    train = torch.compile(training_loss) if compiled else training_loss
+
+    def step() -> None:
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            if what == "train":
+                train(model.train(), kind, x, y).backward()
+            else:
+                evaluation(model.eval(), kind, x, y)
+
+    if compiled:
+        step()
+        model.zero_grad(set_to_none=True)
     if device == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -80,10 +96,7 @@ def measure_one(kind: str, what: str, device: str, batch: int, shape: dict) -> f
     else:
         base = _status_kib("VmRSS") * 1024
         _rss_peak_reset()
-    if what == "train":
-        training_loss(model.train(), kind, x, y).backward()
-    else:
-        evaluation(model.eval(), kind, x, y)
+    step()
     if device == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
@@ -92,32 +105,60 @@ def measure_one(kind: str, what: str, device: str, batch: int, shape: dict) -> f
     return (peak - base) / 2**20
 
 
-def bench_memory(device: str = "cpu", batch: int = 2, shape: dict | None = None) -> dict[str, float]:
-    """Each (before | chunked) x (train | eval) in a fresh process, so no peak or cache carries over."""
-    out = {}
-    for what in ("train", "eval"):
-        for kind in ("before", "chunked"):
-            code = (
-                "import json, sys; from recipe.bench.head import measure_one; "
-                "print(json.dumps(measure_one(*json.loads(sys.argv[1]))))"
-            )
-            arg = json.dumps([kind, what, device, batch, shape or MEMORY_SHAPE])
-            run = subprocess.run(
-                [sys.executable, "-c", code, arg], capture_output=True, text=True, check=True
-            )
-            out[f"{what}-{kind}"] = json.loads(run.stdout.strip().splitlines()[-1])
+def _in_fresh_process(*args) -> float:
+    code = (
+        "import json, sys; from recipe.bench.head import measure_one; "
+        "print(json.dumps(measure_one(*json.loads(sys.argv[1]))))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True, check=True
+    )
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def bench_fits(config: str, compiled: bool, batches: tuple[int, int] = (1, 2), budget_gb: float = 80) -> dict:
+    """The training step's memory per sequence of `config`'s model (bf16 autocast, on this machine, each
+    micro-batch in a fresh process) for each head, from the peaks at two micro-batches (the gradients are in
+    the peak), and by arithmetic the largest micro-batch that fits `budget_gb` beside the fp32 weights and
+    AdamW's two fp32 moments (12 bytes per parameter)."""
+    from recipe.config import load_config
+
+    cfg = load_config(["--config", config])
+    shape = dict(architecture=cfg.architecture, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
+                 num_attention_heads=cfg.num_attention_heads, vocab_size=cfg.vocab_size,
+                 max_position_embeddings=cfg.block_size)  # fmt: skip
+    parameters = sum(p.numel() for p in GPTForCausalLM(GPTConfig(**shape)).parameters())
+    out = {"config": config, "compiled": compiled, "parameters": parameters}
+    for kind in ("before", "chunked"):
+        low, high = (_in_fresh_process(kind, "train", "cpu", b, shape, True, compiled) for b in batches)
+        per_sequence = (high - low) / (batches[1] - batches[0])  # MiB per sequence of block_size tokens
+        fixed = low - per_sequence * batches[0]  # MiB: the gradients (here in the peak), chunk buffers
+        room = budget_gb * 1e9 / 2**20 - 12 * parameters / 2**20 - fixed  # weights, AdamW: 12 B each
+        out[kind] = {"peak_mib": {b: v for b, v in zip(batches, (low, high))}, "mib_per_sequence": per_sequence,
+                     "fixed_mib": fixed, f"largest_micro_batch_{budget_gb:g}gb": int(room // per_sequence)}  # fmt: skip
     return out
 
 
+def bench_memory(device: str = "cpu", batch: int = 2, shape: dict | None = None) -> dict[str, float]:
+    """Each (before | chunked) x (train | eval) in a fresh process, so no peak or cache carries over."""
+    return {
+        f"{what}-{kind}": _in_fresh_process(kind, what, device, batch, shape or MEMORY_SHAPE)
+        for what in ("train", "eval")
+        for kind in ("before", "chunked")
+    }
+
+
 class HeadStep:
-    """A training step (forward, backward, AdamW) with the head `kind`, eager or compiled, on fixed tokens."""
+    """A training step (forward, backward, AdamW) with the head `kind`, eager or compiled, on fixed tokens;
+    `chunk_logits` (chunked only) is the head's chunk size while this step runs (None: the model's default)."""
 
     def __init__(self, shape: dict, batch: int, kind: str, compiled: bool, device: str = "cpu",
-                 autocast: torch.dtype | None = None):  # fmt: skip
+                 autocast: torch.dtype | None = None, chunk_logits: int | None = None):  # fmt: skip
         torch.manual_seed(0)
         self.autocast = autocast
         self.model = GPTForCausalLM(GPTConfig(**shape)).to(device).train()
         self.kind = kind
+        self.chunk_logits = chunk_logits or modeling_gpt.HEAD_CHUNK_LOGITS
         self.loss = torch.compile(training_loss, fullgraph=False) if compiled else training_loss
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, foreach=True)
         self.x = torch.randint(
@@ -127,11 +168,15 @@ class HeadStep:
         self.device = device
 
     def step(self) -> float:
-        with torch.autocast(
-            self.device, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None
-        ):
-            loss = self.loss(self.model, self.kind, self.x, self.y)
-        loss.backward()
+        default, modeling_gpt.HEAD_CHUNK_LOGITS = modeling_gpt.HEAD_CHUNK_LOGITS, self.chunk_logits
+        try:
+            with torch.autocast(
+                self.device, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None
+            ):
+                loss = self.loss(self.model, self.kind, self.x, self.y)
+            loss.backward()
+        finally:
+            modeling_gpt.HEAD_CHUNK_LOGITS = default
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return float(loss.detach())
@@ -147,23 +192,46 @@ class HeadStep:
         return self.x.numel() * steps / (time.perf_counter() - start)
 
 
-def bench_speed(shapes: dict[str, tuple[dict, int]], rounds: int, steps: int, device: str = "cpu") -> dict:
-    """{shape: {variant: median tokens/s}}, the four variants of a shape interleaved in rounds."""
+def chunk_label(chunk_logits: int) -> str:
+    return f"chunked 2^{chunk_logits.bit_length() - 1}"
+
+
+def bench_speed(shapes: dict[str, tuple[dict, int]], rounds: int, steps: int, device: str = "cpu",
+                chunk_sizes: tuple[int, ...] = (HEAD_CHUNK_LOGITS,)) -> dict:  # fmt: skip
+    """{shape: {"eager-before": tokens/s, "eager-chunked 2^25": ..., "compiled-...": ...}}: median tokens/s of
+    the variants of a shape, interleaved in rounds; the chunked head at each of `chunk_sizes` logits per
+    chunk where that changes the number of chunks of the shape."""
     from recipe.bench.speed import interleave
 
+    # Every variant is one more compiled entry of `training_loss` (another model, another chunk size).
+    torch._dynamo.config.recompile_limit = 64
     results = {}
     for name, (shape, batch) in shapes.items():
+        tokens = batch * shape["max_position_embeddings"]
+        distinct = {head_chunks(tokens, shape["vocab_size"], c): c for c in sorted(chunk_sizes, reverse=True)}
+        kinds = [("before", None)] + [(chunk_label(c), c) for c in sorted(distinct.values())]
         runs = {
-            f"{mode}-{kind}": HeadStep(shape, batch, kind, mode == "compiled", device)
+            f"{mode}-{label}": HeadStep(
+                shape, batch, "before" if c is None else "chunked", mode == "compiled", device, chunk_logits=c
+            )
             for mode in ("eager", "compiled")
-            for kind in ("before", "chunked")
+            for label, c in kinds
         }
-        for r in runs.values():  # warm-up: the compile, the allocator
+        warm_up = {}
+        for (
+            key,
+            r,
+        ) in runs.items():  # warm-up: the compile (its seconds grow with the chunks unrolled), the allocator
+            start = time.perf_counter()
             r.step()
             r.step()
+            warm_up[key] = time.perf_counter() - start
         results[name] = interleave(
             {k: (lambda r=r: r.tokens_per_second(steps)) for k, r in runs.items()}, rounds
         )
+        results[name]["warm_up_s"] = warm_up
+        results[name]["chunks"] = {chunk_label(c): -(-tokens // head_chunks(tokens, shape["vocab_size"], c))
+                                   for c in sorted(distinct.values())}  # fmt: skip
         del runs
     return results
 
@@ -242,15 +310,23 @@ def tables(memory: dict | None, speed: dict | None, what: str) -> list[str]:
             lines.append(f"| {'training step' if step == 'train' else 'evaluation forward'} | {b:,.0f} | {c:,.0f} | {c / b:.2f} |")  # fmt: skip
         lines.append("")
     for shape, res in (speed or {}).items():
-        lines += [
-            f"Training step tokens/s, {shape}:",
-            "",
-            "| mode | before | chunked | ratio |",
-            "|---|---:|---:|---:|",
-        ]
+        labels = list(res["chunks"])
+        chunks = ", ".join(f"{label}: {n} chunk{'s' * (n > 1)}" for label, n in res["chunks"].items())
+        lines += [f"Training step tokens/s, {shape} (logits per chunk, {chunks}):", "",
+                  "| mode | before | " + " | ".join(labels) + " | " + " | ".join(f"{label} / before" for label in labels) + " |",
+                  "|---|" + "---:|" * (1 + 2 * len(labels))]  # fmt: skip
         for mode in ("eager", "compiled"):
-            b, c = res[f"{mode}-before"], res[f"{mode}-chunked"]
-            lines.append(f"| {mode} | {b:,.0f} | {c:,.0f} | {c / b:.3f} |")
+            b = res[f"{mode}-before"]
+            cs = [res[f"{mode}-{label}"] for label in labels]
+            lines.append(f"| {mode} | {b:,.0f} | " + " | ".join(f"{c:,.0f}" for c in cs) + " | "
+                         + " | ".join(f"{c / b:.3f}" for c in cs) + " |")  # fmt: skip
+        lines.append("")
+        warm = res["warm_up_s"]
+        lines += ["Seconds of the first two steps (the compile):", "", "| mode | before | " + " | ".join(labels) + " |",
+                  "|---|" + "---:|" * (1 + len(labels))]  # fmt: skip
+        for mode in ("eager", "compiled"):
+            keys = [f"{mode}-before"] + [f"{mode}-{label}" for label in labels]
+            lines.append(f"| {mode} | " + " | ".join(f"{warm[k]:.1f}" for k in keys) + " |")
         lines.append("")
     return lines
 
@@ -263,6 +339,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--skip", default="", help="comma-separated: memory, speed")
+    p.add_argument("--chunk-logits", default="23,25,27", help="the chunk sizes timed, as powers of two")
     p.add_argument(
         "--gpu", action="store_true", help="on one GPU: the memory table, then --gpu-config's model"
     )
@@ -281,7 +358,8 @@ def main(argv: list[str] | None = None) -> list[str]:
                 f.write(text)
         return [text]
     memory = None if "memory" in skip else bench_memory()
-    speed = None if "speed" in skip else bench_speed(cpu_shapes(load_config(["--config", args.config])), args.rounds, args.steps)  # fmt: skip
+    sizes = tuple(2 ** int(k) for k in args.chunk_logits.split(","))
+    speed = None if "speed" in skip else bench_speed(cpu_shapes(load_config(["--config", args.config])), args.rounds, args.steps, chunk_sizes=sizes)  # fmt: skip
     lines = tables(memory, speed, "CPU")
     print("\n".join(lines))
     return lines

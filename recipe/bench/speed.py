@@ -268,7 +268,9 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--config", default=str(ROOT / "configs" / "shakespeare-gpt2.yaml"))
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--skip", default="", help="comma-separated: models, compile, loop, tokenization, data")
+    p.add_argument(
+        "--skip", default="", help="comma-separated: models, compile, loop, tokenization, data, head"
+    )
     p.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
     args = p.parse_args(argv)
     args.skip = set(filter(None, args.skip.split(",")))
@@ -276,6 +278,7 @@ def main(argv: list[str] | None = None) -> str:
     # build_stock and interleave from this module) does without.
     from recipe.bench.data import bench_data
     from recipe.bench.data import parse_args as bench_data_args
+    from recipe.bench.head import main as bench_head
 
     cfg = load_config(["--config", args.config])
     vocab = cfg.vocab_size
@@ -300,6 +303,11 @@ def main(argv: list[str] | None = None) -> str:
         "data": lambda: bench_data(
             bench_data_args(["--throughput"])
         ),  # preparation at two corpus sizes (recipe/bench/data.py)
+        # the chunked head vs the whole logits: memory, and speed at the default run's shape and GPT-2
+        # 124M's width (recipe/bench/head.py)
+        "head": lambda: bench_head(
+            ["--config", str(ROOT / "configs" / "shakespeare.yaml"), "--rounds", str(args.rounds)]
+        ),
     }
     started = time.perf_counter()
     for name, run in sections.items():
