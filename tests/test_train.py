@@ -194,10 +194,10 @@ def test_the_whole_suite_on_a_10_step_model(full_run, tmp_path):
     assert results["eval_suite_centered"] == pytest.approx(sum(centered) / len(centered))
 
 
-def test_the_padded_vocabulary_is_never_generated_nor_scored(full_run, hellaswag_file, tmp_path):
+def test_the_padded_vocabulary_is_never_generated_but_always_scored(full_run, hellaswag_file, tmp_path):
     """Issue 18.3: 1,000 tokens -> a 1,024-row head whose 24 extra ids generate() (ours and the stock export)
-    suppresses, and which the held-out loss does not count: with their logits made huge, it does not move.
-    The downstream tasks score over all rows, as lm-evaluation-harness does (issue 28): theirs move."""
+    suppresses. Every evaluation scores over all of the head's rows, as lm-evaluation-harness does (issue 28
+    reverses the choice to drop them): with their logits made huge, HellaSwag and the held-out loss move."""
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -224,7 +224,7 @@ def test_the_padded_vocabulary_is_never_generated_nor_scored(full_run, hellaswag
     evaluate_cli.main(["--model", str(full_run), *hellaswag, "--output", str(tmp_path / "a.json")])
     ids = torch.tensor(tokenizer("To be, or not to be, that is the question. " * 6).input_ids[:65])
     batch = [{"input_ids": ids[None, :-1], "shift_labels": ids[None, 1:]}]
-    held_out = evaluate(model, batch, Accelerator(cpu=True), 1.0, len(tokenizer))
+    held_out = evaluate(model, batch, Accelerator(cpu=True), 1.0)
     with torch.no_grad():
         model.lm_head.weight[1000:] = 30 * torch.randn(24, model.config.hidden_size)  # huge padded logits
     model.save_pretrained(tmp_path / "loud")
@@ -232,9 +232,9 @@ def test_the_padded_vocabulary_is_never_generated_nor_scored(full_run, hellaswag
     evaluate_cli.main(["--model", str(tmp_path / "loud"), *hellaswag, "--output", str(tmp_path / "b.json")])
     logliks = [torch.tensor(json.loads((tmp_path / f).read_text())["logliks"]["hellaswag"]) for f in ("a.json", "b.json")]  # fmt: skip
     assert (logliks[1] - logliks[0]).abs().min() > 1  # every choice: the padded rows take probability
-    assert evaluate(model, batch, Accelerator(cpu=True), 1.0, len(tokenizer)) == pytest.approx(held_out)
-    everything = evaluate(model, batch, Accelerator(cpu=True), 1.0, 1024)  # the harness can tell
-    assert everything["eval_loss"] > held_out["eval_loss"] + 1
+    # The held-out loss scores every row of the head, as the training loss and lm-evaluation-harness do: the
+    # padded rows are trained down (they are never targets), and made loud they take probability.
+    assert evaluate(model, batch, Accelerator(cpu=True), 1.0)["eval_loss"] > held_out["eval_loss"] + 1
 
 
 def test_output_loads_with_pipeline_where_recipe_cannot_be_imported(full_run, tmp_path):
