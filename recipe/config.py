@@ -30,8 +30,8 @@ class RunConfig:
     vocab_size: int = 4096  # size of the trained BPE; ignored with tokenizer_name (the tokenizer decides)
     # The model's embedding and head rows: the tokenizer's size rounded up to a multiple of this (1: none).
     # Matmuls of a multiple of 64 run faster on GPUs (GPT-2's 50257 -> 50304); the extra ids are never generated
-    # (generation_config.suppress_tokens) and the held-out loss scores only the tokenizer's own ids; downstream
-    # tasks score over all rows, as lm-evaluation-harness does, so their figures compare with lm-eval's.
+    # (generation_config.suppress_tokens); every evaluation (held-out loss, downstream tasks) scores over all
+    # rows, as lm-evaluation-harness does, so the figures compare with lm-eval's.
     pad_vocab_size_to_multiple_of: int = 64
     hidden_size: int = 256
     num_hidden_layers: int = 4
