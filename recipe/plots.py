@@ -51,7 +51,9 @@ def plot_loss(rows: list[dict[str, Any]], path: str | Path, vocab_size: int | No
 
 def plot_hellaswag(ax, rows: list[dict[str, Any]]) -> None:
     """acc_norm per evaluation: the subset along the way and the whole split at the end as separate series."""
-    from recipe.hellaswag import CHANCE, GPT2_124M
+    from recipe.downstream.tasks import TASKS
+
+    GPT2_124M, CHANCE = TASKS["hellaswag"].gpt2, 0.25  # noqa: N806  (HellaSwag: four endings)
 
     for items in sorted({r["eval_hellaswag_items"] for r in rows}):
         points = [

@@ -1,6 +1,6 @@
 """Scoring a model along a run and at its end: the held-out loss, perplexity, bits per byte and next-token
-accuracy (`evaluate`), and HellaSwag for the run (`hellaswag_items`, `score_hellaswag`; the task itself, its
-data and lm-evaluation-harness's scoring are in recipe/hellaswag.py, which `python -m recipe.evaluate` uses)."""
+accuracy (`evaluate`), and the per-target log-probabilities every evaluation scores through (`token_scores`;
+the downstream tasks, recipe/downstream/, use it too)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,6 @@ import inspect
 import torch
 from accelerate import Accelerator
 
-from recipe import hellaswag
-from recipe.config import RunConfig
 from recipe.metrics import bits_per_byte, perplexity
 
 
@@ -66,23 +64,3 @@ def evaluate(model, dataloader, accelerator: Accelerator, bytes_per_token: float
         "eval_accuracy": correct / max(count, 1),
         "eval_blocks": int(blocks),
     }
-
-
-def hellaswag_items(
-    cfg: RunConfig, accelerator: Accelerator, tokenizer, config
-) -> list[hellaswag.Item] | None:
-    """HellaSwag's items, tokenised once, or None when it is off. Fetched once per node, before step 1, so a
-    missing source stops the run before anything is written."""
-    if not cfg.hellaswag:
-        return None
-    with accelerator.local_main_process_first():
-        dataset = hellaswag.load_hellaswag(cfg.cache_dir, cfg.hellaswag_path)
-    return hellaswag.encode_items(dataset, tokenizer, hellaswag.context_length(config, tokenizer))
-
-
-def score_hellaswag(model, items: list[hellaswag.Item], cfg: RunConfig, final: bool, tokenizer) -> dict[str, float]:  # fmt: skip
-    """The fixed subset along the way, every item at the end (a compiled model runs eagerly: hellaswag.score),
-    over the logits `python -m recipe.evaluate` scores the saved folder's (hellaswag.scored_vocab)."""
-    subset = items if final else hellaswag.evenly_spaced(items, cfg.hellaswag_items)
-    vocab = hellaswag.scored_vocab(model, tokenizer)
-    return hellaswag.metrics(hellaswag.score(model, subset, cfg.hellaswag_batch_size, vocab_size=vocab))

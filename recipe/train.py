@@ -28,7 +28,6 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from recipe import hellaswag
 from recipe.checkpoint import (
     SAMPLING,
     plain_model,
@@ -37,6 +36,8 @@ from recipe.checkpoint import (
     verify_export,
 )
 from recipe.config import ConfigError, RunConfig, load_config
+from recipe.downstream import report as downstream_report
+from recipe.downstream.run import downstream_due, downstream_items, score_downstream
 from recipe.hub import HubPusher
 from recipe.metrics import (
     JsonlLog,
@@ -69,7 +70,7 @@ from recipe.run_setup import (
     show_progress_messages,
     start_output_dir,
 )
-from recipe.scoring import evaluate, hellaswag_items, score_hellaswag
+from recipe.scoring import evaluate
 from recipe.stopping import AGREE_EVERY, StopSignal, agree, resume_hint, stop_run
 
 if TYPE_CHECKING:  # recipe.data (and `datasets`) is imported in main(): `make gpu-check` runs without them
@@ -181,8 +182,8 @@ def log_row(accelerator: Accelerator, log: JsonlLog, row: dict, progress: tqdm, 
         )
     elif not accelerator.is_main_process:  # tqdm.write prints even where the bar is disabled
         return
-    elif "eval_hellaswag_acc" in row:
-        progress.write(hellaswag.line(row["step"], row))
+    elif "eval_loss" not in row:  # downstream tasks
+        progress.write(downstream_report.line(row["step"], row))
     else:
         progress.write(
             f"step {row['step']}: eval loss {row['eval_loss']:.4f}, ppl {row['perplexity']:.2f}, "
@@ -250,8 +251,8 @@ def finish(accelerator, model, cfg: RunConfig, data: PreparedData, log: JsonlLog
         (output_dir / "all_results.json").write_text(json.dumps(results, indent=2))
         plot_lr(*schedule_curve(cfg), output_dir / "lr.png")
         print(f"\n{results_table(results, len(data.tokenizer))}\n")
-        if "eval_hellaswag_acc" in results:
-            print(f"{hellaswag.table(results)}\n")
+        if downstream_report.scored_tasks(results):
+            print(f"{downstream_report.table(results)}\n")
         print(
             f"Model saved to {output_dir}/ (tokens seen {results['train_tokens']:,}, "
             f"{results['train_tokens_per_second']:,.0f} tokens/s)\n"
@@ -300,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     n_params = sum(p.numel() for p in model.parameters())
     optimizers = build_optimizers(model, cfg, accelerator.device.type, world)
     schedulers = [make_schedule(opt, cfg) for opt in optimizers]
-    hellaswag_data = hellaswag_items(cfg, accelerator, data.tokenizer, model.config)
+    downstream_data = downstream_items(cfg, accelerator, data.tokenizer, model.config)
     start_output_dir(cfg, accelerator)
     model, optimizers, schedulers, train_dl, eval_dls = prepare(
         accelerator, cfg, model, optimizers, schedulers, train_dl, eval_dls, streaming
@@ -324,7 +325,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # --- the loop
     model.train()
     progress = tqdm(total=cfg.max_steps, initial=state["global_step"], disable=not main_proc, desc="train", dynamic_ncols=True)  # fmt: skip
-    t_start, runtime_before, last_eval, last_hellaswag = time.perf_counter(), state["train_runtime"], {}, {}
+    t_start, runtime_before, last_eval, last_downstream = time.perf_counter(), state["train_runtime"], {}, {}
     while state["global_step"] < cfg.max_steps:
         epochs, window = zip(*(next(batches) for _ in range(accum)))
         # Normalise by the target tokens of the whole window on every process, so that 2 processes x 1
@@ -377,21 +378,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 eval_dl = eval_dls["final" if whole else "along"]
                 last_eval = evaluate(model, eval_dl, accelerator, data.summary["validation"].bytes_per_token)
                 log_row(accelerator, log, {"step": step, **last_eval, "eval_whole": whole}, progress, "eval")
-        if (
-            hellaswag_data
-            and not (stopping and step < cfg.max_steps)
-            and (step == cfg.max_steps or (cfg.hellaswag_steps and step % cfg.hellaswag_steps == 0))
-        ):
+        if downstream_data and not (stopping and step < cfg.max_steps) and downstream_due(cfg, step):
             with meter.paused():
-                last_hellaswag = score_hellaswag(
-                    model, hellaswag_data, cfg, step == cfg.max_steps, data.tokenizer
-                )
-                log_row(accelerator, log, {"step": step, **last_hellaswag}, progress, "eval")
+                last_downstream = score_downstream(model, downstream_data, cfg, step == cfg.max_steps)
+                log_row(accelerator, log, {"step": step, **last_downstream}, progress, "eval")
         state["train_runtime"] = runtime_before + time.perf_counter() - t_start
         stopping = stopping and step < cfg.max_steps  # a stop on the last step just finishes
         if is_save or stopping:
             with meter.paused():
-                results = run_results(state, meter, {**last_eval, **last_hellaswag}, data, n_params)
+                results = run_results(state, meter, {**last_eval, **last_downstream}, data, n_params)
                 stream_loader = train_dl if streaming else None
                 path = save(accelerator, model, cfg, state, data, log, results, hub, stream_loader, stopping)
         if stopping:
@@ -404,7 +399,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # --- finish
     if streaming:
         data.summary["train"] = stream_summary(train_dl, accelerator)
-    results = run_results(state, meter, {**last_eval, **last_hellaswag}, data, n_params)
+    results = run_results(state, meter, {**last_eval, **last_downstream}, data, n_params)
     finish(accelerator, model, cfg, data, log, results, hub)
     return results
 

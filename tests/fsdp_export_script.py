@@ -42,25 +42,27 @@ if rank == 0:
     assert type(saved).__name__ == "GPTForCausalLM", type(saved)
     assert torch.allclose(saved(ids).logits, sharded_logits, atol=1e-5)
 
-# HellaSwag scoring (recipe.hellaswag.score) of a compiled FSDP2 model, wrapped as accelerate 1.16 wraps one:
-# compiled first, then the blocks and the compiled wrapper sharded (FSDP's hooks outside the compiled code).
-# It must run eagerly inside those wrappers and equal the unsharded model's scores; 7 items in batches of 2
-# give the processes 2 rounds each, the second rank's last one a spare.
-from recipe import hellaswag  # noqa: E402
+# Downstream scoring (recipe.downstream.scoring) of a compiled FSDP2 model, wrapped as accelerate 1.16 wraps
+# one: compiled first, then the blocks and the compiled wrapper sharded (FSDP's hooks outside the compiled
+# code). It must run eagerly inside those wrappers and equal the unsharded model's scores; 7 items of 4
+# choices in batches of 10 sequences give the processes 2 rounds each, the second rank's last one a spare.
+from recipe.downstream.data import EncodedTask, Item  # noqa: E402
+from recipe.downstream.scoring import loglikelihoods  # noqa: E402
+from recipe.downstream.tasks import TASKS  # noqa: E402
 
 torch.manual_seed(0)
 twin = GPTForCausalLM(config).eval()
 tokens = torch.randint(0, 97, (7, 4, 30), generator=torch.Generator().manual_seed(2)).tolist()
-items = [hellaswag.Item([(t[: 12 + i + e], 3 + e) for e, t in enumerate(four)], i % 4, [5, 9, 7, 8], 64)
-         for i, four in enumerate(tokens)]  # fmt: skip
-reference = hellaswag.score(twin, items, items_per_batch=2)["logliks"]
+items = [EncodedTask(TASKS["hellaswag"], [Item([(t[: 12 + i + e], 3 + e) for e, t in enumerate(four)], i % 4, [5, 9, 7, 8], 64)
+         for i, four in enumerate(tokens)])]  # fmt: skip
+reference = loglikelihoods(twin, items, batch_size=10)[0]
 compiled = torch.compile(twin, backend="eager")
 for block in twin.transformer.h:
     fully_shard(block, mesh=mesh)
 fully_shard(compiled, mesh=mesh)
-scored = hellaswag.score(compiled, items, items_per_batch=2)["logliks"]
+scored = loglikelihoods(compiled, items, batch_size=10)[0]
 assert torch.allclose(scored, reference, atol=1e-5), (scored - reference).abs().max()
-print(f"rank {rank} scored HellaSwag items under FSDP2 + compile", flush=True)
+print(f"rank {rank} scored downstream items under FSDP2 + compile", flush=True)
 
 dist.barrier()
 print(f"rank {rank} reached the end", flush=True)

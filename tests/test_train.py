@@ -88,9 +88,10 @@ FULL_RUN = ["--max_steps", "20", "--save_steps", "10", "--eval_steps", "10", "--
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory, hellaswag_file) -> Path:
     """20 uninterrupted steps, keeping every checkpoint: the reference for resume, and the output checks.
-    HellaSwag (the tests' 12 items) on 5 of them at step 10, on all at the end."""
+    HellaSwag (the tests' 12 items) on 5 of them at step 10, on all at the end with COPA (the real split)."""
     out = tmp_path_factory.mktemp("full")
-    hellaswag = ["--hellaswag", "true", "--hellaswag_steps", "10", "--hellaswag_items", "5", "--hellaswag_path", str(hellaswag_file)]  # fmt: skip
+    hellaswag = ["--hellaswag", "true", "--hellaswag_steps", "10", "--hellaswag_items", "5", "--hellaswag_path", str(hellaswag_file),
+                 "--downstream_tasks", "copa"]  # fmt: skip
     launch(out, *FULL_RUN, "--sample_max_new_tokens", "20", *hellaswag)
     return out
 
@@ -146,38 +147,61 @@ def test_output_folder_is_a_complete_hf_model(full_run):
     assert "bits per byte" in card and f"{results['eval_loss']:.4f}" in card
 
 
-def test_hellaswag_along_the_way_at_the_end_and_from_the_cli(full_run, hellaswag_file, capsys):
+def test_hellaswag_along_the_way_the_suite_at_the_end_and_from_the_cli(full_run, hellaswag_file, capsys):
     from recipe import evaluate
 
     rows = [json.loads(line) for line in (full_run / "metrics.jsonl").read_text().splitlines()]
     scores = [r for r in rows if "eval_hellaswag_acc" in r]
     assert [(r["step"], r["eval_hellaswag_items"]) for r in scores] == [(10, 5), (20, 12)]
+    assert "eval_suite_centered" not in scores[0] and scores[-1]["eval_copa_items"] == 100
     results = json.loads((full_run / "all_results.json").read_text())
     assert {k: results[k] for k in scores[-1] if k != "step"} == {
         k: v for k, v in scores[-1].items() if k != "step"
     }
+    centered = [(results[f"eval_{t}_{s}"] - results[f"eval_{t}_chance"]) / (1 - results[f"eval_{t}_chance"])
+                for t, s in (("hellaswag", "acc_norm"), ("copa", "acc"))]  # fmt: skip
+    assert results["eval_suite_centered"] == pytest.approx(sum(centered) / 2)
+    card = (full_run / "README.md").read_text()
+    assert "copa" in card and "suite_centered" in card and f"{results['eval_copa_acc']:.4f}" in card
     for card in [full_run / "README.md", full_run / "checkpoint-10" / "README.md"]:
         text = card.read_text()
-        assert "HellaSwag" in text and "GPT-2 124M" in text and "0.3114" in text, card
+        assert "hellaswag" in text and "GPT-2 124M" in text and "0.3114" in text, card
     # The CLI scores the saved folder as the run scored its live model.
-    cli = evaluate.main(["--model", str(full_run), "--hellaswag_path", str(hellaswag_file)])
+    cli = evaluate.main(["--model", str(full_run), "--tasks", "hellaswag,copa", "--hellaswag_path", str(hellaswag_file)])  # fmt: skip
     assert cli == {k: results[k] for k in cli}
     assert f"{results['eval_hellaswag_acc_norm']:.4f}" in capsys.readouterr().out
-    limited = evaluate.main(
-        ["--model", str(full_run), "--hellaswag_path", str(hellaswag_file), "--limit", "3"]
-    )
+    limited = evaluate.main(["--model", str(full_run), "--tasks", "hellaswag", "--hellaswag_path", str(hellaswag_file), "--limit", "3"])  # fmt: skip
     assert limited["eval_hellaswag_items"] == 3
 
 
-def test_the_padded_vocabulary_is_never_generated_nor_scored(full_run, hellaswag_file, tmp_path):
+def test_the_whole_suite_on_a_10_step_model(full_run, tmp_path):
+    """`recipe.evaluate --tasks all --limit 120 --output F` (issue 28's check): every task near chance, its
+    item count, `eval_suite_centered` as defined, and each choice's log-likelihood in the file."""
+    from recipe import evaluate
+    from recipe.downstream.tasks import TASKS
+
+    out = tmp_path / "suite.json"
+    results = evaluate.main(["--model", str(full_run / "checkpoint-10"), "--tasks", "all", "--limit", "120", "--output", str(out)])  # fmt: skip
+    written = json.loads(out.read_text())
+    assert {k: written[k] for k in results} == results and set(written["logliks"]) == set(TASKS)
+    centered = []
+    for name, task in TASKS.items():
+        n, p = results[f"eval_{name}_items"], results[f"eval_{name}_chance"]
+        assert n == (100 if name == "copa" else 120) == len(written["logliks"][name])  # COPA has 100
+        score = results[f"eval_{name}_acc_norm" if task.acc_norm else f"eval_{name}_acc"]
+        assert abs(score - p) < 4 * math.sqrt(p * (1 - p) / n), name  # a 10-step model guesses
+        centered.append((score - p) / (1 - p))
+    assert results["eval_suite_centered"] == pytest.approx(sum(centered) / len(centered))
+
+
+def test_the_padded_vocabulary_is_never_generated_but_always_scored(full_run, hellaswag_file, tmp_path):
     """Issue 18.3: 1,000 tokens -> a 1,024-row head whose 24 extra ids generate() (ours and the stock export)
-    suppresses, and which no metric counts: with their logits made huge, HellaSwag and the held-out loss do
-    not move."""
+    suppresses. Every evaluation scores over all of the head's rows, as lm-evaluation-harness does (issue 28
+    reverses the choice to drop them): with their logits made huge, HellaSwag and the held-out loss move."""
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from recipe import evaluate as evaluate_cli
-    from recipe import hellaswag
     from recipe.export import export_model
     from recipe.scoring import evaluate
 
@@ -194,13 +218,10 @@ def test_the_padded_vocabulary_is_never_generated_nor_scored(full_run, hellaswag
     for m in (model, AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2")):
         out = m.generate(prompt, max_new_tokens=4, do_sample=True, output_scores=True, return_dict_in_generate=True)  # fmt: skip
         assert all(torch.isneginf(step[:, 1000:]).all() for step in out.scores), type(m).__name__
-    # HellaSwag normalises over the tokenizer's ids where the padding is ours, over all logits elsewhere (lm-eval).
-    assert hellaswag.scored_vocab(model, tokenizer) == hellaswag.scored_vocab(stock, tokenizer) == 1000
-    stock.generation_config.suppress_tokens = None  # a stock model with a padded vocabulary of its own
-    assert hellaswag.scored_vocab(stock, tokenizer) is None
     del stock
 
-    before = evaluate_cli.main(["--model", str(full_run), "--hellaswag_path", str(hellaswag_file), "--output", str(tmp_path / "a.json")])  # fmt: skip
+    hellaswag = ["--tasks", "hellaswag", "--hellaswag_path", str(hellaswag_file)]
+    evaluate_cli.main(["--model", str(full_run), *hellaswag, "--output", str(tmp_path / "a.json")])
     ids = torch.tensor(tokenizer("To be, or not to be, that is the question. " * 6).input_ids[:65])
     batch = [{"input_ids": ids[None, :-1], "shift_labels": ids[None, 1:]}]
     held_out = evaluate(model, batch, Accelerator(cpu=True), 1.0)
@@ -208,10 +229,9 @@ def test_the_padded_vocabulary_is_never_generated_nor_scored(full_run, hellaswag
         model.lm_head.weight[1000:] = 30 * torch.randn(24, model.config.hidden_size)  # huge padded logits
     model.save_pretrained(tmp_path / "loud")
     tokenizer.save_pretrained(tmp_path / "loud")
-    after = evaluate_cli.main(["--model", str(tmp_path / "loud"), "--hellaswag_path", str(hellaswag_file), "--output", str(tmp_path / "b.json")])  # fmt: skip
-    logliks = [torch.tensor(json.loads((tmp_path / f).read_text())["logliks"]) for f in ("a.json", "b.json")]
-    assert after == before
-    torch.testing.assert_close(logliks[1], logliks[0], rtol=0, atol=1e-4)
+    evaluate_cli.main(["--model", str(tmp_path / "loud"), *hellaswag, "--output", str(tmp_path / "b.json")])
+    logliks = [torch.tensor(json.loads((tmp_path / f).read_text())["logliks"]["hellaswag"]) for f in ("a.json", "b.json")]  # fmt: skip
+    assert (logliks[1] - logliks[0]).abs().min() > 1  # every choice: the padded rows take probability
     # The held-out loss scores every row of the head, as the training loss and lm-evaluation-harness do: the
     # padded rows are trained down (they are never targets), and made loud they take probability.
     assert evaluate(model, batch, Accelerator(cpu=True), 1.0)["eval_loss"] > held_out["eval_loss"] + 1
@@ -254,8 +274,8 @@ def test_two_processes_equal_one_process_with_accumulation(tmp_path, hellaswag_f
     common = [
         "--hellaswag",
         "true",
-        "--hellaswag_batch_size",
-        "5",  # 12 items: 3 batches, so one process scores a spare batch it drops
+        "--downstream_batch_size",
+        "20",  # 12 items x 4 endings: 3 batches, so one process scores a spare batch it drops
         "--hellaswag_path",
         str(hellaswag_file),
         "--max_steps",
@@ -280,8 +300,9 @@ def test_two_processes_equal_one_process_with_accumulation(tmp_path, hellaswag_f
     assert [(r["step"], r["eval_blocks"], r["eval_whole"]) for r in along[0]] == [(3, 48, False), (6, two["eval_blocks"], True)]  # fmt: skip
     assert along[0][0]["eval_loss"] == pytest.approx(along[1][0]["eval_loss"], abs=1e-4)
     # HellaSwag sharded over 2 processes is exactly the 1-process score of the same weights.
-    alone = evaluate.main(["--model", str(tmp_path / "two"), "--hellaswag_path", str(hellaswag_file), "--batch_size", "5"])  # fmt: skip
-    assert {k: two[k] for k in alone} == alone
+    alone = evaluate.main(["--model", str(tmp_path / "two"), "--tasks", "hellaswag", "--hellaswag_path", str(hellaswag_file), "--batch_size", "20"])  # fmt: skip
+    hellaswag = [k for k in two if k.startswith("eval_hellaswag")]
+    assert {k: alone[k] for k in hellaswag} == {k: two[k] for k in hellaswag}
 
 
 @pytest.mark.parametrize("processes", [1, 2])
