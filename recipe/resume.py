@@ -19,6 +19,7 @@ from recipe.checkpoint import (
     read_state,
     resume_accumulation,
     run_identity,
+    tidy_output_dir,
 )
 from recipe.config import ConfigError, RunConfig
 from recipe.hub import download_last_checkpoint, make_api
@@ -106,8 +107,9 @@ def check_checkpoint(accelerator: Accelerator, cfg: RunConfig, model, data, stre
 
 
 def resolve_checkpoint(accelerator: Accelerator, cfg: RunConfig) -> Path | None:
-    """The main process picks the checkpoint (a local folder, or a Hub snapshot: its commit); every process
-    then loads exactly that one, or every process stops with one line. Each process listing output_dir itself
+    """The main process finishes what a crash left in output_dir (`tidy_output_dir`, one line) and picks the
+    checkpoint (a local folder, or a Hub snapshot: its commit); every process then loads exactly that one, or
+    every process stops with one line. Each process listing output_dir itself
     could pick another "latest" (an NFS attribute cache hides a rename), and each node downloading the Hub
     repo itself another snapshot. Every process enters the same collectives on every path, errors included."""
     from accelerate.utils import broadcast_object_list, gather_object
@@ -121,6 +123,9 @@ def resolve_checkpoint(accelerator: Accelerator, cfg: RunConfig) -> Path | None:
     choice: list[Any] = [None, None, None, None]  # path, Hub repo, Hub commit, the main process's error
     if accelerator.is_main_process:
         try:
+            tidied = tidy_output_dir(Path(cfg.output_dir))  # a complete tmp-checkpoint may be the newest
+            if tidied:
+                accelerator.print(tidied)
             found = find_checkpoint(
                 cfg.resume_from_checkpoint, Path(cfg.output_dir), download, cfg.hub_model_id
             )

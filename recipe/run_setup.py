@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,7 +26,9 @@ from transformers.utils import logging as hf_logging
 
 from recipe import GPTForCausalLM
 from recipe.checkpoint import (
+    delete_folder,
     generation_config,
+    holds_checkpoints,
     list_checkpoints,
     load_weights_from_model_folder,
     skip_weights_in_save_state,
@@ -150,7 +151,7 @@ def build_model(cfg: RunConfig, tokenizer) -> GPTForCausalLM:
 
 def check_output_dir(cfg: RunConfig) -> None:
     if (
-        list_checkpoints(Path(cfg.output_dir))
+        holds_checkpoints(Path(cfg.output_dir))
         and not cfg.resume_from_checkpoint
         and not cfg.overwrite_output_dir
     ):
@@ -168,7 +169,7 @@ def start_output_dir(cfg: RunConfig, accelerator: Accelerator) -> None:
         output_dir.mkdir(parents=True, exist_ok=True)
         if cfg.overwrite_output_dir and not cfg.resume_from_checkpoint:
             for old in list_checkpoints(output_dir):
-                shutil.rmtree(old)
+                delete_folder(old)  # renamed first: a crash midway leaves no checkpoint that looks whole
         cfg.save(output_dir / "run_config.yaml")
     accelerator.wait_for_everyone()
     if not (output_dir / "run_config.yaml").is_file():

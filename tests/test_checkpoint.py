@@ -17,6 +17,7 @@ from recipe.checkpoint import (
     find_checkpoint,
     list_checkpoints,
     plain_model,
+    read_state,
     resume_accumulation,
     rotate_checkpoints,
     save_model_folder,
@@ -47,6 +48,100 @@ def test_rotation_keeps_the_newest_and_spares_the_one_uploading(tmp_path):
     assert [p.name for p in deleted] == ["checkpoint-20"]
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-10", "checkpoint-30", "checkpoint-40"]
     assert rotate_checkpoints(tmp_path, None) == []  # None keeps everything
+
+
+class Crash(BaseException):
+    """What a kill -9 does to the code after it: nothing more runs."""
+
+
+def crash_in(monkeypatch, module, name: str, after=lambda path: None, call: int = 1) -> None:
+    """`module.name` dies on its `call`-th call, after `after(path)` (what it got done before the kill)."""
+    real, calls = getattr(module, name), []
+
+    def die(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) < call:
+            return real(path, *args, **kwargs)
+        after(Path(path))
+        monkeypatch.undo()
+        raise Crash(name)
+
+    monkeypatch.setattr(module, name, die)
+
+
+def half_delete(path: Path) -> None:
+    (path / "model.safetensors").unlink()
+
+
+def test_resaving_a_step_keeps_a_complete_checkpoint_through_any_crash(tmp_path, tiny_gpt, monkeypatch):
+    """A resumed run saving a step again replaces the old folder (os.replace cannot overwrite a non-empty one):
+    killed inside the old folder's deletion, before the renames or between them, one complete checkpoint-5
+    (the new one) is left once the next start has tidied up."""
+    import shutil
+
+    from recipe.checkpoint import save_checkpoint, tidy_output_dir
+    from recipe.run_setup import make_accelerator
+
+    accelerator = make_accelerator(RunConfig(output_dir=str(tmp_path), report_to="none"))
+    model = accelerator.prepare(tiny_gpt())
+    state = {"global_step": 5}
+    save_checkpoint(accelerator, model, tmp_path, state, None, None)
+    for module, name, call in ((shutil, "rmtree", 1), (os, "replace", 1), (os, "replace", 2)):
+        crash_in(monkeypatch, module, name, half_delete if name == "rmtree" else lambda path: None, call)
+        with pytest.raises(Crash):
+            save_checkpoint(accelerator, model, tmp_path, {**state, "again": name}, None, None)
+        # Nothing listed is incomplete, even before the next start tidies up.
+        assert all((p / "model.safetensors").is_file() for p in list_checkpoints(tmp_path))
+        tidy_output_dir(tmp_path)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-5"]
+        assert (tmp_path / "checkpoint-5" / "model.safetensors").is_file()
+        assert read_state(tmp_path / "checkpoint-5")["again"] == name  # the new one
+
+
+def test_the_next_start_finishes_what_a_crash_left_in_one_line(tmp_path):
+    """A complete tmp-checkpoint (killed between its two renames) is promoted, not deleted; half-written and
+    half-deleted folders are removed; and a run without resume_from_checkpoint is refused over the promotable
+    one as over any checkpoint."""
+    import shutil
+
+    from recipe.checkpoint import tidy_output_dir
+    from recipe.run_setup import check_output_dir
+
+    make_checkpoints(tmp_path, [2])
+    (tmp_path / "tmp-checkpoint-6").mkdir()
+    (tmp_path / "tmp-checkpoint-6" / STATE_FILE).write_text(json.dumps({"global_step": 6}))
+    (tmp_path / "tmp-checkpoint-8").mkdir()  # no state file: half-written
+    (tmp_path / "deleting-checkpoint-4").mkdir()
+    (tmp_path / "deleting-checkpoint-4" / STATE_FILE).write_text("{}")
+    (tmp_path / "deleting-notes").mkdir()  # not ours: left alone
+    pending = tmp_path.parent / f"{tmp_path.name}-pending"  # only the tmp-checkpoint that is complete
+    shutil.copytree(tmp_path / "tmp-checkpoint-6", pending / "tmp-checkpoint-6")
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        check_output_dir(RunConfig(output_dir=str(pending)))
+    line = tidy_output_dir(tmp_path)
+    assert line.count("\n") == 0
+    for said in ("completed tmp-checkpoint-6 as checkpoint-6", "half-written tmp-checkpoint-8", "half-deleted checkpoint-4"):  # fmt: skip
+        assert said in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-6", "deleting-notes"]
+    assert tidy_output_dir(tmp_path) is None  # nothing left to say
+
+
+def test_overwrite_output_dir_deletes_so_that_a_crash_leaves_none_that_looks_whole(tmp_path, monkeypatch):
+    import shutil
+    from types import SimpleNamespace
+
+    from recipe.run_setup import start_output_dir
+
+    make_checkpoints(tmp_path, [2, 4])
+    for step in (2, 4):
+        (tmp_path / f"checkpoint-{step}" / "model.safetensors").write_text("weights")
+    crash_in(monkeypatch, shutil, "rmtree", half_delete)
+    cfg = RunConfig(output_dir=str(tmp_path), overwrite_output_dir=True)
+    accelerator = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None, process_index=0)
+    with pytest.raises(Crash):
+        start_output_dir(cfg, accelerator)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-4"]
+    assert (tmp_path / "checkpoint-4" / "model.safetensors").is_file()
 
 
 def test_find_checkpoint_latest_path_hub_and_errors(tmp_path):

@@ -639,3 +639,44 @@ def test_the_training_loss_of_a_stock_model_and_of_ours_loaded_from_its_own_code
         assert flops_per_token(model.config, 12) > 6 * 2 * 32 * 32
     gated, plain = flops_per_token(stock[1].config, 12), flops_per_token(GPT2Config(n_embd=32, n_layer=2, n_inner=64, vocab_size=97, bos_token_id=0, eos_token_id=0), 12)  # fmt: skip
     assert gated - plain == 6 * 2 * 32 * 64  # the SwiGLU's third matrix
+
+
+# train.py with shutil.rmtree made to die (kill -9) halfway through deleting a checkpoint folder in output_dir:
+# the folder's weights and card are gone, its trainer_state.json is still there.
+CRASH_IN_RMTREE = """
+import os, shutil, signal, sys
+from pathlib import Path
+out, real = Path(sys.argv[1]), shutil.rmtree
+def rmtree(path, *args, **kwargs):
+    path = Path(path)
+    if path.parent == out and (path / "model.safetensors").is_file():
+        for name in ("model.safetensors", "README.md", "modeling_gpt.py"):
+            (path / name).unlink()
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(path, *args, **kwargs)
+shutil.rmtree = rmtree
+from recipe.train import cli
+cli(sys.argv[2:])
+"""
+
+
+def test_a_kill_while_deleting_a_checkpoint_leaves_only_complete_ones_and_the_run_resumes(tmp_path):
+    from recipe.checkpoint import STATE_FILE, list_checkpoints
+
+    out = tmp_path / "run"
+    steps = ["--save_steps", "2", "--save_total_limit", "1", "--eval_steps", "100", "--logging_steps", "2"]
+    args = ["--config", TINY, "--output_dir", str(out), *QUIET, "--max_steps", "6", *steps]
+    proc = subprocess.run([sys.executable, "-c", CRASH_IN_RMTREE, str(out), *args], env=ENV, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]  # killed rotating checkpoint-2 at step 4
+    whole = ("model.safetensors", "README.md", "modeling_gpt.py", STATE_FILE)
+    found = list_checkpoints(out)
+    assert [p.name for p in found] == ["checkpoint-4"]
+    assert all((p / name).is_file() for p in out.glob("checkpoint-*") for name in whole)
+
+    resumed = launch(out, "--max_steps", "6", *steps, "--resume_from_checkpoint", "latest")
+    said = resumed.stdout + resumed.stderr
+    assert "removed the half-deleted checkpoint-2" in said
+    assert "Resumed from" in said and "at step 4" in said
+    assert json.loads((out / "all_results.json").read_text())["global_step"] == 6
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-6"]
