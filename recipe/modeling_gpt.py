@@ -12,6 +12,7 @@ and nothing else from `recipe` is imported.
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -33,20 +34,113 @@ from .configuration_gpt import GPTConfig
 _IS_CAUSAL_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3")
 
 
+# Logits in flight at once in the chunked head: 2**25 of them (128 MiB in fp32) caps a chunk at 667 tokens of a
+# 50,304-token vocabulary and leaves a small vocabulary's batch whole (8,192 tokens of 4,096 ids). Measured in
+# BENCHMARKS.md ("Chunked head"): 2**24-2**26 run alike; smaller chunks pay per-chunk overhead.
+HEAD_CHUNK_LOGITS = 2**25
+
+
+def head_chunks(tokens: int, vocab_size: int, chunk_logits: int | None = None) -> int:
+    """Tokens per chunk of the head: as many as keep `chunk_logits` (default HEAD_CHUNK_LOGITS) logits in
+    flight, at least one."""
+    return max(1, min(tokens, (chunk_logits or HEAD_CHUNK_LOGITS) // vocab_size))
+
+
+def _matmul_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype the head's matmul runs in: autocast's where it is on (as `nn.Linear` would), else the input's."""
+    device = hidden.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """sum over targets of -log softmax(hidden @ weight.T)[target], divided by `count`, one chunk of tokens at a
+    time, so no (N, V) logits exist beyond a chunk's. The forward also computes both gradients (a chunk's
+    softmax is at hand then), as liger-kernel's fused linear cross-entropy does, so the backward only scales
+    them by the loss's incoming gradient: the same three matmuls per token as the unchunked loss, no recompute.
+    The matmuls run in autocast's dtype where it is on (bf16 logits, as `nn.Linear` gives), the softmax and the
+    weight's gradient accumulate in fp32."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, count, chunk):  # (N, H), (V, H), (N,), scalar, int
+        dtype = _matmul_dtype(hidden)
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            total = hidden.new_zeros((), dtype=torch.float32)
+            grad_hidden = []  # per chunk, (c, H)
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+            for start in range(0, hidden.shape[0], chunk):
+                h = hidden[start : start + chunk].to(dtype)  # (c, H)
+                t = targets[start : start + chunk]  # (c,)
+                keep = t.ne(-100)
+                safe = t.masked_fill(~keep, 0).unsqueeze(1)  # (c, 1)
+                logits = (h @ w.T).float()  # (c, V) fp32: the chunk's only logits
+                lse = torch.logsumexp(logits, dim=-1)  # (c,)
+                total = total + torch.where(keep, lse - logits.gather(1, safe).squeeze(1), 0.0).sum()
+                if need_hidden or need_weight:
+                    # d loss / d logits = (softmax - onehot(target)) / count, zero for ignored targets.
+                    grad = logits.sub_(lse.unsqueeze(1)).exp_()
+                    grad.scatter_add_(1, safe, torch.full_like(safe, -1, dtype=grad.dtype))
+                    grad = (grad * torch.where(keep, 1.0 / count, 0.0).unsqueeze(1)).to(dtype)  # (c, V)
+                    if need_hidden:
+                        grad_hidden.append((grad @ w).to(hidden.dtype))
+                    if need_weight:
+                        grad_weight += (grad.T @ h).float()
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(torch.cat(grad_hidden) if need_hidden else None, grad_weight)
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None
+
+
 def causal_lm_loss(
-    logits: torch.Tensor, shift_labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None
+    hidden_states: torch.Tensor,
+    weight: torch.Tensor,
+    shift_labels: torch.Tensor,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    chunk_logits: int | None = None,
 ) -> torch.Tensor:
-    """Cross-entropy of (B, T, V) logits against already-shifted (B, T) targets (-100 = ignore), in fp32,
-    as logsumexp(logits) - logits[target]: under torch.compile the fp32 upcast fuses into the two reductions
-    and the backward's softmax, so no fp32 (B, T, V) copy is made or kept (the logits themselves are the only
-    (B, T, V) tensor saved for backward). Sum over targets / num_items_in_batch, or their mean without it;
-    equal to `ForCausalLMLoss` on the same inputs."""
-    logits, targets = logits.flatten(0, 1), shift_labels.flatten()  # (B*T, V), (B*T,)
-    keep = targets.ne(-100)
-    target_logits = logits.gather(1, targets.masked_fill(~keep, 0).unsqueeze(1)).squeeze(1)  # (B*T,)
-    nll = torch.where(keep, torch.logsumexp(logits.float(), dim=-1) - target_logits.float(), 0.0)
-    count = keep.sum() if num_items_in_batch is None else num_items_in_batch
-    return nll.sum() / count
+    """Cross-entropy of the head `hidden_states @ weight.T` ((B, T, H) and (V, H)) against already-shifted
+    (B, T) targets (-100 = ignore), in fp32, one chunk of tokens at a time: no (B, T, V) logits are built,
+    eager or compiled, in training or evaluation. Sum over targets / num_items_in_batch, or their mean without
+    it; equal to `ForCausalLMLoss` on the full logits."""
+    hidden, targets = hidden_states.flatten(0, 1), shift_labels.flatten()  # (N, H), (N,)
+    count = targets.ne(-100).sum() if num_items_in_batch is None else num_items_in_batch
+    count = torch.as_tensor(count, device=hidden.device, dtype=torch.float32)
+    chunk = head_chunks(hidden.shape[0], weight.shape[0], chunk_logits)
+    return ChunkedLinearCrossEntropy.apply(hidden, weight, targets, count, chunk)
+
+
+@torch.no_grad()
+def head_token_scores(
+    hidden_states: torch.Tensor,
+    weight: torch.Tensor,
+    shift_labels: torch.Tensor,
+    chunk_logits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probability of each target over all V rows, whether it is the argmax), both (B, T), 0 and False
+    where the target is -100; chunked like `causal_lm_loss`, so evaluation never builds (B, T, V) logits."""
+    hidden, targets = hidden_states.flatten(0, 1), shift_labels.flatten()  # (N, H), (N,)
+    dtype = _matmul_dtype(hidden)
+    chunk = head_chunks(hidden.shape[0], weight.shape[0], chunk_logits)
+    logprobs, correct = [], []
+    with torch.autocast(hidden.device.type, enabled=False):
+        w = weight.to(dtype)
+        for start in range(0, hidden.shape[0], chunk):
+            t = targets[start : start + chunk]
+            keep = t.ne(-100)
+            logits = hidden[start : start + chunk].to(dtype) @ w.T  # (c, V) in the matmul's dtype
+            target_logits = logits.gather(1, t.masked_fill(~keep, 0).unsqueeze(1)).squeeze(1).float()
+            logprobs.append(torch.where(keep, target_logits - torch.logsumexp(logits.float(), dim=-1), 0.0))
+            correct.append(logits.argmax(-1).eq(t) & keep)
+    return torch.cat(logprobs).view_as(shift_labels), torch.cat(correct).view_as(shift_labels)
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -341,6 +435,15 @@ class GPTModel(GPTPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
 
 
+@dataclass
+class GPTCausalLMOutput(CausalLMOutputWithPast):
+    """CausalLMOutputWithPast, plus evaluation's per-target scores (`token_scores=True`): (B, T) fp32
+    log-probabilities and (B, T) bool argmax hits."""
+
+    token_logprobs: torch.FloatTensor | None = None
+    token_correct: torch.BoolTensor | None = None
+
+
 class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
 
@@ -377,8 +480,9 @@ class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         skip_logits: bool | None = None,
+        token_scores: bool | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> "GPTCausalLMOutput":
         r"""
         labels: (B, T) targets aligned with `input_ids` (shifted inside, -100 = ignore), the HF convention.
         shift_labels: (B, T) targets already shifted (`shift_labels[:, t]` is the token after position t), as
@@ -389,10 +493,16 @@ class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
         skip_logits: return the loss only (`logits=None`), the name Trainer and liger-kernel use. The training
             loop's forward: with logits in the output, a compiled graph must write the whole (B, T, V) tensor
             (and accelerate's mixed precision an fp32 copy of it) and keep it alive until the next step. Needs
-            `labels` or `shift_labels`.
+            `labels` or `shift_labels`. The loss is computed from the hidden states a chunk of tokens at a time
+            (`causal_lm_loss`): no (B, T, V) logits exist, eager or compiled.
+        token_scores: evaluation's entry (no gradient): with `labels` or `shift_labels`, return each target's
+            log-probability over all head rows (`token_logprobs`, (B, T) fp32) and whether it is the argmax
+            (`token_correct`, (B, T) bool), 0 and False at ignored targets, chunked as `skip_logits`; no logits.
         """
-        if skip_logits and labels is None and shift_labels is None:
-            raise ValueError("skip_logits=True needs labels or shift_labels: the loss is all it returns")
+        if (skip_logits or token_scores) and labels is None and shift_labels is None:
+            raise ValueError(
+                "skip_logits=True and token_scores=True need labels or shift_labels: the loss is all they return"
+            )
         outputs: BaseModelOutputWithPast = self.transformer(
             input_ids,
             attention_mask=attention_mask,
@@ -402,16 +512,25 @@ class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             **kwargs,
         )
-        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
-        logits = self.lm_head(hidden_states)  # (B, T', V)
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)  # (B, T', H)
 
-        loss = None
-        if skip_logits:
+        if skip_logits or token_scores:
             if shift_labels is None:  # HF labels: the target at t is the label at t + 1
                 shift_labels = nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
-            loss = causal_lm_loss(logits, shift_labels, num_items_in_batch)
-            logits = None
-        elif labels is not None or shift_labels is not None:
+            weight = self.lm_head.weight
+            scores = {}
+            if token_scores:  # evaluation: no gradient, the loss from the same scores
+                logprobs, correct = head_token_scores(hidden_states, weight, shift_labels)
+                count = shift_labels.ne(-100).sum() if num_items_in_batch is None else num_items_in_batch
+                loss, scores = -logprobs.sum() / count, {"token_logprobs": logprobs, "token_correct": correct}
+            else:
+                loss = causal_lm_loss(hidden_states, weight, shift_labels, num_items_in_batch)
+            return GPTCausalLMOutput(loss=loss, cache=outputs.cache, hidden_states=outputs.hidden_states,
+                                     attentions=outputs.attentions, **scores)  # fmt: skip
+
+        logits = self.lm_head(hidden_states)  # (B, T', V)
+        loss = None
+        if labels is not None or shift_labels is not None:
             # ForCausalLMLoss: `.float()` is a no-op for fp32 logits, so no extra (B, T, V) copy is made.
             loss = self.loss_function(
                 logits=logits,
@@ -423,7 +542,7 @@ class GPTForCausalLM(GPTPreTrainedModel, GenerationMixin):
                 num_items_in_batch=num_items_in_batch,
                 **kwargs,
             )
-        return CausalLMOutputWithPast(
+        return GPTCausalLMOutput(
             loss=loss,
             logits=logits,
             cache=outputs.cache,

@@ -4,6 +4,9 @@ data and lm-evaluation-harness's scoring are in recipe/hellaswag.py, which `pyth
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 from accelerate import Accelerator
 
@@ -12,10 +15,23 @@ from recipe.config import RunConfig
 from recipe.metrics import bits_per_byte, perplexity
 
 
+@functools.cache
+def takes_token_scores(model_class: type) -> bool:
+    """Whether the model's forward has our chunked evaluation entry (ours, also loaded as a folder's own code)."""
+    return "token_scores" in inspect.signature(model_class.forward).parameters
+
+
 def token_scores(model, input_ids: torch.Tensor, shift_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(log-probability of each target, whether it is the argmax), both (B, T), over all of the head's rows
     (as lm-evaluation-harness scores a model); 0 and False where the target is -100. The one entry every
-    evaluation scores through: the held-out loss and accuracy, HellaSwag and the downstream suite."""
+    evaluation scores through: the held-out loss and accuracy, HellaSwag and the downstream suite. Ours
+    computes them a chunk of tokens at a time from the hidden states (`token_scores=True`: no (B, T, V)
+    logits); another model's logits are scored whole."""
+    from recipe.checkpoint import plain_model
+
+    if takes_token_scores(type(plain_model(model))):
+        out = model(input_ids=input_ids, shift_labels=shift_labels, token_scores=True, use_cache=False)
+        return out.token_logprobs, out.token_correct
     logits = model(input_ids=input_ids, use_cache=False).logits  # (B, T, V)
     keep = shift_labels.ne(-100)
     nll = torch.nn.functional.cross_entropy(
@@ -26,21 +42,17 @@ def token_scores(model, input_ids: torch.Tensor, shift_labels: torch.Tensor) -> 
 
 
 @torch.no_grad()
-def evaluate(model, dataloader, accelerator: Accelerator, bytes_per_token: float, vocab: int) -> dict[str, float]:  # fmt: skip
+def evaluate(model, dataloader, accelerator: Accelerator, bytes_per_token: float) -> dict[str, float]:
     """Token-weighted loss and next-token accuracy over all processes (gather_for_metrics drops the padding
-    duplicates), and how many blocks were scored, over the tokenizer's `vocab` ids (not the padded rows of
-    the head). No KV cache: nothing is generated."""
+    duplicates), and how many blocks were scored, over all of the head's rows as every evaluation scores
+    (`token_scores`: chunked, no (B, T, V) logits). No KV cache: nothing is generated."""
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # nll, correct, count, blocks
     for batch in dataloader:
-        logits = model(input_ids=batch["input_ids"], use_cache=False).logits[..., :vocab]  # (B, T, V)
         labels = batch["shift_labels"]  # (B, T)
-        nll = torch.nn.functional.cross_entropy(
-            logits.flatten(0, 1).float(), labels.flatten(), reduction="none"
-        )
+        logprobs, correct = token_scores(model, batch["input_ids"], labels)
         mask = labels.ne(-100)
-        correct = logits.argmax(-1).eq(labels) & mask
-        rows = [(nll.view_as(labels) * mask).sum(1), correct.sum(1), mask.sum(1), torch.ones_like(mask[:, 0])]
+        rows = [-logprobs.sum(1), correct.sum(1), mask.sum(1), torch.ones_like(mask[:, 0])]
         totals += accelerator.gather_for_metrics(torch.stack(rows, 1).double()).sum(
             0
         )  # (B * processes, 4) -> (4,)

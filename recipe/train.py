@@ -372,8 +372,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 # The final evaluation scores the whole validation split; the ones along the way a fixed subset.
                 whole = step == cfg.max_steps or "along" not in eval_dls
                 eval_dl = eval_dls["final" if whole else "along"]
-                last_eval = evaluate(model, eval_dl, accelerator, data.summary["validation"].bytes_per_token,
-                                     len(data.tokenizer))  # fmt: skip
+                last_eval = evaluate(model, eval_dl, accelerator, data.summary["validation"].bytes_per_token)
                 log_row(accelerator, log, {"step": step, **last_eval, "eval_whole": whole}, progress, "eval")
         if (
             hellaswag_data

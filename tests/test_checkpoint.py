@@ -367,7 +367,7 @@ def test_evaluation_builds_no_cache(tiny_gpt):
     model.register_forward_hook(lambda module, args, kwargs, out: seen.append(out.cache), with_kwargs=True)
     blocks = torch.randint(0, 97, (4, 9))
     data = [{"input_ids": b[:-1], "shift_labels": b[1:]} for b in blocks]
-    metrics = evaluate(model, torch.utils.data.DataLoader(data, batch_size=2), Accelerator(cpu=True), 2.0, 97)
+    metrics = evaluate(model, torch.utils.data.DataLoader(data, batch_size=2), Accelerator(cpu=True), 2.0)
     assert seen == [None, None]
     assert 0 <= metrics["eval_accuracy"] <= 1 and metrics["eval_bits_per_byte"] > 0
 

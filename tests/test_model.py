@@ -583,3 +583,153 @@ def test_skip_logits_returns_the_same_loss_and_gradients_and_no_logits(make):
     torch.testing.assert_close(with_labels, model(input_ids=x, labels=labels).loss)
     with pytest.raises(ValueError, match="skip_logits"):
         model(input_ids=x, skip_logits=True)
+
+
+# --- the chunked head ---------------------------------------------------------------------------------------
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The largest difference over the reference's largest value."""
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def head_batch(vocab: int = 97, chunk_tokens: int = 5):
+    """(input_ids, shift_labels) of 3 x 12 tokens whose ignored targets (-100) start, end and straddle chunks
+    of `chunk_tokens` tokens, and a whole ignored row."""
+    x = ids(batch=3, vocab=vocab)
+    y = F.pad(x[:, 1:], (0, 1), value=-100)
+    y[0, :chunk_tokens] = -100  # exactly the first chunk
+    y[1, chunk_tokens - 1 : chunk_tokens + 2] = -100  # across a chunk boundary (flattened: token 16-18)
+    y[2] = -100  # a row with nothing to score
+    return x, y
+
+
+@pytest.mark.parametrize("chunk_tokens", [5, 1, 10**6])  # several chunks, one token each, one for all
+def test_chunked_loss_and_gradients_equal_transformers_loss(make, monkeypatch, chunk_tokens):
+    """skip_logits's chunked cross-entropy against the plain path (full logits, transformers' ForCausalLMLoss):
+    loss within 1e-5 relative, every gradient within 1e-5 of its largest value, with num_items_in_batch and
+    without (the mean), ignored targets on chunk boundaries."""
+    import recipe.modeling_gpt as modeling
+
+    monkeypatch.setattr(modeling, "HEAD_CHUNK_LOGITS", chunk_tokens * 97)
+    model = make().train()
+    x, y = head_batch()
+    for n in (torch.tensor(41), None):
+        model.zero_grad()
+        plain = model(input_ids=x, shift_labels=y, num_items_in_batch=n)
+        plain.loss.backward()
+        expected = grads(model)
+        model.zero_grad()
+        chunked = model(input_ids=x, shift_labels=y, num_items_in_batch=n, skip_logits=True)
+        chunked.loss.backward()
+        assert abs(float(chunked.loss.detach() / plain.loss.detach()) - 1) < 1e-5
+        got = grads(model)
+        assert got.keys() == expected.keys()
+        for name in expected:
+            assert relative(got[name], expected[name]) < 1e-5, name
+
+
+def test_chunked_loss_under_bf16_autocast_and_accumulation(make, monkeypatch):
+    """Under bf16 autocast the head's matmuls run in bf16 as nn.Linear's do: the loss and gradients stay within
+    bf16's tolerance of the plain path; two micro-batches accumulated over num_items_in_batch give one batch's
+    gradients."""
+    import recipe.modeling_gpt as modeling
+
+    monkeypatch.setattr(modeling, "HEAD_CHUNK_LOGITS", 5 * 97)
+    model = make().train()
+    x, y = head_batch()
+    n = y.ne(-100).sum()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = model(input_ids=x, shift_labels=y, num_items_in_batch=n)
+        plain.loss.backward()
+        expected = grads(model)
+        model.zero_grad()
+        for rows in (
+            slice(0, 2),
+            slice(2, 3),
+        ):  # accumulation: each micro-batch's sum over the window's count
+            model(
+                input_ids=x[rows], shift_labels=y[rows], num_items_in_batch=n, skip_logits=True
+            ).loss.backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        chunked = model(input_ids=x, shift_labels=y, num_items_in_batch=n, skip_logits=True).loss
+    assert abs(float(chunked.detach() / plain.loss.detach()) - 1) < 2e-2
+    for name, grad in grads(model).items():
+        assert relative(grad, expected[name]) < 3e-2, name
+
+
+def test_compiled_chunked_loss_matches_eager(tiny_gpt, monkeypatch):
+    """torch.compile with fullgraph (the chunk loop and the autograd.Function trace without a break; AOT
+    autograd builds the backward from the Function's) gives eager's loss and gradients."""
+    import recipe.modeling_gpt as modeling
+
+    monkeypatch.setattr(modeling, "HEAD_CHUNK_LOGITS", 5 * 97)
+    model = randomise(tiny_gpt(architecture="modern")).train()
+    x, y = head_batch()
+    n = torch.tensor(41)
+    eager = model(input_ids=x, shift_labels=y, num_items_in_batch=n, skip_logits=True).loss
+    eager.backward()
+    expected = grads(model)
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    loss = compiled(input_ids=x, shift_labels=y, num_items_in_batch=n, skip_logits=True).loss
+    loss.backward()
+    assert abs(float(loss.detach() / eager.detach()) - 1) < 1e-5
+    for name, grad in grads(model).items():
+        assert relative(grad, expected[name]) < 1e-5, name
+
+
+def test_token_scores_equal_log_softmax_of_the_whole_logits(make, monkeypatch):
+    """Evaluation's entry: each target's log-probability over all rows and its argmax hit, as from the full
+    logits, 0 / False where ignored; its loss is the plain loss."""
+    import recipe.modeling_gpt as modeling
+
+    monkeypatch.setattr(modeling, "HEAD_CHUNK_LOGITS", 5 * 97)
+    model = make()
+    x, y = head_batch()
+    with torch.no_grad():
+        out = model(input_ids=x, shift_labels=y, token_scores=True)
+        logits = model(input_ids=x).logits
+        plain = model(input_ids=x, shift_labels=y).loss
+    keep = y.ne(-100)
+    expected = torch.log_softmax(logits.float(), -1).gather(2, y.clamp(min=0)[..., None])[..., 0] * keep
+    torch.testing.assert_close(out.token_logprobs, expected, rtol=0, atol=1e-5)
+    assert torch.equal(out.token_correct, logits.argmax(-1).eq(y) & keep)
+    assert out.logits is None and abs(float(out.loss / plain) - 1) < 1e-5
+    with pytest.raises(ValueError, match="token_scores"):
+        model(input_ids=x, token_scores=True)
+
+
+class LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the most elements any op's output had."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_no_op_builds_the_whole_logits(make, monkeypatch):
+    """With chunks of 5 tokens, no tensor in the training step (forward and backward) or the evaluation forward
+    has more elements than a chunk's logits (5 x V) or a weight's, while the plain path builds (B*T, V)."""
+    import recipe.modeling_gpt as modeling
+
+    monkeypatch.setattr(modeling, "HEAD_CHUNK_LOGITS", 5 * 512)
+    model = make(vocab_size=512).train()
+    x, y = head_batch(vocab=512)
+    bound = max(5 * 512, max(p.numel() for p in model.parameters()))
+    with LargestTensor() as seen:
+        model(input_ids=x, shift_labels=y, skip_logits=True).loss.backward()
+    assert seen.largest <= bound
+    with LargestTensor() as seen, torch.no_grad():
+        model(input_ids=x, shift_labels=y, token_scores=True)
+    assert seen.largest <= bound
+    with LargestTensor() as seen:
+        model(input_ids=x, shift_labels=y).loss.backward()
+    assert seen.largest >= x.numel() * 512  # the harness sees the whole logits where they are built

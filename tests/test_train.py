@@ -203,7 +203,7 @@ def test_the_padded_vocabulary_is_never_generated_nor_scored(full_run, hellaswag
     before = evaluate_cli.main(["--model", str(full_run), "--hellaswag_path", str(hellaswag_file), "--output", str(tmp_path / "a.json")])  # fmt: skip
     ids = torch.tensor(tokenizer("To be, or not to be, that is the question. " * 6).input_ids[:65])
     batch = [{"input_ids": ids[None, :-1], "shift_labels": ids[None, 1:]}]
-    held_out = evaluate(model, batch, Accelerator(cpu=True), 1.0, len(tokenizer))
+    held_out = evaluate(model, batch, Accelerator(cpu=True), 1.0)
     with torch.no_grad():
         model.lm_head.weight[1000:] = 30 * torch.randn(24, model.config.hidden_size)  # huge padded logits
     model.save_pretrained(tmp_path / "loud")
@@ -212,9 +212,9 @@ def test_the_padded_vocabulary_is_never_generated_nor_scored(full_run, hellaswag
     logliks = [torch.tensor(json.loads((tmp_path / f).read_text())["logliks"]) for f in ("a.json", "b.json")]
     assert after == before
     torch.testing.assert_close(logliks[1], logliks[0], rtol=0, atol=1e-4)
-    assert evaluate(model, batch, Accelerator(cpu=True), 1.0, len(tokenizer)) == pytest.approx(held_out)
-    everything = evaluate(model, batch, Accelerator(cpu=True), 1.0, 1024)  # the harness can tell
-    assert everything["eval_loss"] > held_out["eval_loss"] + 1
+    # The held-out loss scores every row of the head, as the training loss and lm-evaluation-harness do: the
+    # padded rows are trained down (they are never targets), and made loud they take probability.
+    assert evaluate(model, batch, Accelerator(cpu=True), 1.0)["eval_loss"] > held_out["eval_loss"] + 1
 
 
 def test_output_loads_with_pipeline_where_recipe_cannot_be_imported(full_run, tmp_path):
