@@ -350,13 +350,19 @@ OPTIMIZER_KEYS = (
 
 
 def run_identity(cfg, data) -> dict[str, Any]:
-    """What a resume must continue: the tokenizer, the data and the learning-rate schedule (saved with
-    every checkpoint; `check_same_run` compares them)."""
+    """What a resume must continue: the tokenizer, the data (and the seed that shuffles it) and the
+    learning-rate schedule (saved with every checkpoint; `check_same_run` compares them)."""
     from recipe.tokenizer import tokenizer_fingerprint
 
     return {"tokenizer_fingerprint": tokenizer_fingerprint(data.tokenizer), "data_content_fingerprint": data.fingerprint,
-            "dataset_revision": cfg.dataset_revision, "schedule": {k: getattr(cfg, k) for k in SCHEDULE_KEYS},
+            "dataset_revision": cfg.dataset_revision, "seed": cfg.seed,
+            "schedule": {k: getattr(cfg, k) for k in SCHEDULE_KEYS},
             "optimizer": {k: getattr(cfg, k) for k in OPTIMIZER_KEYS}}  # fmt: skip
+
+
+def applies(key: str, optim: str) -> bool:
+    """Whether a schedule or optimizer setting has any effect with `optim` (AdamW runs ignore muon_*)."""
+    return optim == "muon" or not key.startswith("muon_")
 
 
 def check_same_run(checkpoint: Path, saved: dict[str, Any], cfg, data) -> list[str]:
@@ -372,13 +378,17 @@ def check_same_run(checkpoint: Path, saved: dict[str, Any], cfg, data) -> list[s
                 "dataset_revision",
                 f"the dataset's commit (resume with --dataset_revision {saved.get('dataset_revision')})",
             ),
+            # the seed orders map-style data (accelerate's seedable sampler) and a stream's shuffle buffer
+            ("seed", f"the seed (it shuffles the data: resume with --seed {saved.get('seed')})"),
         ]  # fmt: skip
         # not checked: what a checkpoint written before these were saved lacks, or a commit not resolved
         if saved.get(key) is not None and ours[key] is not None and saved[key] != ours[key]
     ]
     schedule = saved.get("schedule", ours["schedule"])
     changes = [
-        f"{k} {schedule[k]} -> {v}" for k, v in ours["schedule"].items() if k in schedule and schedule[k] != v
+        f"{k} {schedule[k]} -> {v}"
+        for k, v in ours["schedule"].items()
+        if k in schedule and schedule[k] != v and applies(k, cfg.optim)
     ]
     if changes and not cfg.resume_new_schedule:
         differ.append(f"the schedule ({', '.join(changes)}; --resume_new_schedule true runs the new one)")
@@ -389,7 +399,7 @@ def check_same_run(checkpoint: Path, saved: dict[str, Any], cfg, data) -> list[s
     other = [
         f"{k} {optimizer[k]} -> {v}"
         for k, v in ours["optimizer"].items()
-        if k in optimizer and optimizer[k] != v
+        if k in optimizer and optimizer[k] != v and applies(k, cfg.optim)  # optim itself is always compared
     ]
     if other:
         differ.append(f"the optimizer settings ({', '.join(other)}: the checkpoint's are what would run)")

@@ -522,3 +522,22 @@ def test_a_checkpoint_from_before_a_new_setting_is_named_not_a_traceback(tmp_pat
     assert check_same_run(tmp_path, old, RunConfig(optim="muon", muon_split_fused=False), data) == []
     with pytest.raises(ConfigError, match="muon_split_fused False -> True"):
         check_same_run(tmp_path, old, RunConfig(optim="muon", muon_split_fused=True), data)
+
+
+def test_a_resume_compares_the_seed_and_only_the_settings_of_the_runs_optimizer(tmp_path, tiny_tokenizer):
+    """Another seed reshuffles map-style data (accelerate's seedable sampler): refused in one line naming it.
+    An AdamW run ignores the muon_* settings, so they are not compared; a Muon run compares them."""
+    from types import SimpleNamespace
+
+    from recipe.checkpoint import check_same_run, run_identity
+
+    data = SimpleNamespace(tokenizer=tiny_tokenizer, fingerprint="data")
+    saved = run_identity(RunConfig(seed=42), data)
+    with pytest.raises(ConfigError, match="the seed .*--seed 42"):
+        check_same_run(tmp_path, saved, RunConfig(seed=7), data)
+    assert check_same_run(tmp_path, {k: v for k, v in saved.items() if k != "seed"}, RunConfig(seed=7), data) == []  # fmt: skip
+    muon_only = {"muon_momentum": 0.9, "muon_split_fused": False, "muon_learning_rate": 1e-3}
+    adamw = run_identity(RunConfig(optim="adamw"), data)
+    assert check_same_run(tmp_path, adamw, RunConfig(optim="adamw", **muon_only), data) == []
+    with pytest.raises(ConfigError, match="muon_momentum .* -> 0.9"):
+        check_same_run(tmp_path, run_identity(RunConfig(optim="muon"), data), RunConfig(optim="muon", **muon_only), data)  # fmt: skip
