@@ -12,6 +12,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from recipe.checkpoint import (
+    TRAINING_STATE,
     check_model_matches,
     check_same_run,
     find_checkpoint,
@@ -88,6 +89,7 @@ def check_checkpoint(accelerator: Accelerator, cfg: RunConfig, model, data, stre
     check_model_matches(checkpoint, model.config)
     saved = read_state(checkpoint)
     changes = check_same_run(checkpoint, saved, cfg, data)
+    check_optimizer_state(accelerator, cfg, model, checkpoint)
     if changes:
         accelerator.print(f"Resuming with a new schedule (resume_new_schedule): {', '.join(changes)}")
     sharded = accelerator.distributed_type == DistributedType.FSDP  # its optimizer state is saved sharded
@@ -104,6 +106,41 @@ def check_checkpoint(accelerator: Accelerator, cfg: RunConfig, model, data, stre
         )
         cfg.gradient_accumulation_steps = accelerator.gradient_accumulation_steps = accum
     return checkpoint
+
+
+def check_optimizer_state(accelerator: Accelerator, cfg: RunConfig, model, checkpoint: Path) -> None:
+    """The checkpoint's saved optimizers hold the parameter groups this run builds (how many optimizers,
+    groups and parameters in each), or one line now: torch's load_state_dict would raise a ValueError after
+    output_dir was written. What it catches: a checkpoint of an earlier recipe (a Muon of one group, before
+    Muon's groups per row-block count, saved no optimizer settings to compare) or of another optimizer."""
+    import dataclasses
+
+    from recipe.optim import optimizer_groups
+
+    if accelerator.distributed_type == DistributedType.FSDP:  # saved sharded, in folders; AdamW only
+        return
+
+    def sizes(run: RunConfig) -> list[list[int]]:
+        return [[len(g["params"]) for g in groups] for groups in optimizer_groups(model, run)]
+
+    folder, ours = checkpoint / TRAINING_STATE, sizes(cfg)
+    files = [folder / ("optimizer.bin" if i == 0 else f"optimizer_{i}.bin") for i in range(len(ours) + 1)]
+    # mmap: only the group lists are read, not the moments (twice the model's size)
+    saved = [
+        [len(g["params"]) for g in torch.load(f, map_location="cpu", weights_only=True, mmap=True)["param_groups"]]
+        for f in files
+        if f.is_file()
+    ]  # fmt: skip
+    if saved == ours:
+        return
+    hint, other = "", not cfg.muon_split_fused
+    if cfg.optim == "muon" and saved == sizes(dataclasses.replace(cfg, muon_split_fused=other)):
+        hint = f"; --muon_split_fused {str(other).lower()} builds the checkpoint's groups"
+    raise ConfigError(
+        f"resume_from_checkpoint: {checkpoint}'s optimizer state holds parameter groups of {saved} parameters, "
+        f"this run builds {ours} (optim {cfg.optim}): it was written by an earlier version of the recipe or with "
+        f"other optimizer settings{hint}; resume with those, or start a new output_dir"
+    )
 
 
 def resolve_checkpoint(accelerator: Accelerator, cfg: RunConfig) -> Path | None:

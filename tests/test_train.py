@@ -708,3 +708,33 @@ def test_a_kill_while_deleting_a_checkpoint_leaves_only_complete_ones_and_the_ru
     assert "Resumed from" in said and "at step 4" in said
     assert json.loads((out / "all_results.json").read_text())["global_step"] == 6
     assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-6"]
+
+
+def test_an_older_muon_checkpoint_is_refused_in_one_line_before_output_dir_changes(tmp_path):
+    """A Muon checkpoint of an earlier recipe: one Muon param group (today's has one per row-block count,
+    muon_split_fused) and no optimizer settings in trainer_state.json to compare. torch's load_state_dict
+    raised a ValueError after run_config.yaml was rewritten; now one line, output_dir untouched."""
+    from recipe.checkpoint import STATE_FILE
+
+    out = tmp_path / "run"
+    args = ["--optim", "muon", "--max_steps", "2", "--save_steps", "2", "--eval_steps", "100"]
+    train = [sys.executable, str(ROOT / "recipe" / "train.py"), "--config", TINY, "--output_dir", str(out), *QUIET, *args]  # fmt: skip
+    subprocess.run(train, env=ENV, check=True, capture_output=True, timeout=600)
+    checkpoint = out / "checkpoint-2"
+    saved = torch.load(checkpoint / "training_state" / "optimizer_1.bin", weights_only=True)
+    groups = saved["param_groups"]
+    assert len(groups) > 1  # today's layout
+    old = {k: v for k, v in groups[0].items() if k != "split"}
+    saved["param_groups"] = [{**old, "params": [i for g in groups for i in g["params"]]}]
+    torch.save(saved, checkpoint / "training_state" / "optimizer_1.bin")
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    del state["optimizer"]
+    (checkpoint / STATE_FILE).write_text(json.dumps(state))
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+    proc = subprocess.run([*train, "--resume_from_checkpoint", "latest"], env=ENV, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "optimizer state holds parameter groups" in line and "--muon_split_fused false" in line, line
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
