@@ -91,6 +91,10 @@ def download_last_checkpoint(
     return None if missing_ok and not (path / "trainer_state.json").is_file() else path
 
 
+class HubPushError(Exception):
+    """The final model did not reach the Hub: the run exits non-zero with one line naming the repo and folder."""
+
+
 class HubPusher:
     def __init__(self, api: HfApi, repo_id: str, strategy: str, timeout: float, log=print):
         self.api, self.repo_id, self.strategy, self.timeout, self.log = api, repo_id, strategy, timeout, log

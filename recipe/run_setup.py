@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -179,9 +180,29 @@ def start_output_dir(cfg: RunConfig, accelerator: Accelerator) -> None:
         )
 
 
+# The Accelerators whose trackers started: `end_trackers` ends them when a run stops with an error.
+TRACKING: list[Accelerator] = []
+
+
 def init_trackers(accelerator: Accelerator, cfg: RunConfig) -> None:
     if cfg.report_to != "none":
         hparams = {
             k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in cfg.to_dict().items()
         }
         accelerator.init_trackers(cfg.run_name or Path(cfg.output_dir).name, config=hparams)
+        TRACKING.append(accelerator)
+
+
+def end_trackers() -> None:
+    """After an error: finish each started tracker (TensorBoard closes its files, wandb marks the run ended
+    instead of leaving it running), never raising over the error itself. A finished run's end_training and
+    a stop's do this themselves."""
+    while TRACKING:
+        for tracker in TRACKING.pop().trackers:
+            try:
+                tracker.finish()
+            except Exception as err:
+                print(
+                    f"report_to: {tracker.name} did not end cleanly ({type(err).__name__}: {err})",
+                    file=sys.stderr,
+                )

@@ -406,6 +406,8 @@ def test_non_finite_loss_stops_the_run_and_names_the_step(tmp_path):
         (["--train_files", "/nonexistent/*.txt"], "train_files"),
         (["--save_total_limit", "-1"], "save_total_limit must be a positive integer"),
         (["--hub_strategy", "sometimes"], "hub_strategy must be one of"),
+        # found once the loaders are prepared: still before run_config.yaml is written
+        (["--per_device_train_batch_size", "100000"], "is more than the"),
     ],
 )
 def test_bad_config_is_a_clear_error_not_a_traceback(tmp_path, args, message):
