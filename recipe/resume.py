@@ -4,6 +4,7 @@ alike. `layout` is what a checkpoint records of the data position and the tokens
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,18 +26,21 @@ from recipe.checkpoint import (
 from recipe.config import ConfigError, RunConfig
 from recipe.hub import download_last_checkpoint, make_api
 
+COMMIT = re.compile(r"[0-9a-f]{40}")  # a dataset_revision that is a commit already, not a branch or tag
+
 if TYPE_CHECKING:  # recipe.data (and `datasets`) is imported in train.main(): `make gpu-check` runs without
     from recipe.data import PreparedData
 
 
 def pin_dataset_revision(cfg: RunConfig, accelerator: Accelerator, checkpoint: Path | None = None) -> None:
-    """A Hub dataset is read at one commit: a resumed run's checkpoint's, else the current one, which the main
-    process asks the Hub for (unless dataset_revision names one), and every process uses that, so a push to
-    the dataset mid-launch cannot give nodes different data; it is saved in run_config.yaml and every
-    checkpoint. Offline: left unset."""
-    if not cfg.dataset_name or cfg.dataset_revision:
+    """A Hub dataset is read at one commit: a resumed run's checkpoint's, else the one dataset_revision (a
+    branch or tag such as `main`; unset: the default branch) points at now, which the main process asks the
+    Hub for, and every process uses that, so a push to the dataset mid-launch cannot give nodes different
+    data. The commit is what run_config.yaml and every checkpoint record, so a resume after the branch moved
+    is refused in one line (check_same_run). Offline: left as given."""
+    if not cfg.dataset_name or (cfg.dataset_revision and COMMIT.fullmatch(cfg.dataset_revision)):
         return
-    if checkpoint is not None:  # read by every process, a bad copy stopping all of them
+    if checkpoint is not None and not cfg.dataset_revision:  # read by every process, a bad copy stopping all
         saved = collectively(accelerator, lambda: read_state(checkpoint)).get("dataset_revision")
         if saved:
             cfg.dataset_revision = saved
@@ -44,16 +48,22 @@ def pin_dataset_revision(cfg: RunConfig, accelerator: Accelerator, checkpoint: P
     from accelerate.utils import broadcast_object_list
     from huggingface_hub import constants
 
-    revision = [None]
+    revision = [cfg.dataset_revision]
     if accelerator.is_main_process and not constants.HF_HUB_OFFLINE:
         try:
-            revision = [make_api(cfg.hub_token).dataset_info(cfg.dataset_name).sha]
+            revision = [
+                make_api(cfg.hub_token).dataset_info(cfg.dataset_name, revision=cfg.dataset_revision).sha
+            ]
         except Exception as err:  # load_dataset says what is wrong with the name or the network
             accelerator.print(
                 f"dataset_name: could not resolve {cfg.dataset_name}'s commit ({type(err).__name__})"
             )
     if accelerator.num_processes > 1:
         broadcast_object_list(revision)
+    if cfg.dataset_revision and revision[0] != cfg.dataset_revision:
+        accelerator.print(
+            f"dataset_revision: {cfg.dataset_revision} is commit {revision[0]} (recorded as that)"
+        )
     cfg.dataset_revision = revision[0]
 
 

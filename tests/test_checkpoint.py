@@ -477,7 +477,7 @@ def test_a_hub_dataset_is_read_at_one_commit_recorded_and_compared(monkeypatch, 
     from recipe.config import RunConfig
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(train, "make_api", lambda token=None: SimpleNamespace(dataset_info=lambda name: SimpleNamespace(sha="abc123")))  # fmt: skip
+    monkeypatch.setattr(train, "make_api", lambda token=None: SimpleNamespace(dataset_info=lambda name, revision=None: SimpleNamespace(sha="abc123")))  # fmt: skip
     cfg = RunConfig(dataset_name="someone/corpus", cache_dir=str(tmp_path))
     train.pin_dataset_revision(cfg, SimpleNamespace(is_main_process=True, num_processes=1, print=print))
     assert cfg.dataset_revision == "abc123"
@@ -541,3 +541,37 @@ def test_a_resume_compares_the_seed_and_only_the_settings_of_the_runs_optimizer(
     assert check_same_run(tmp_path, adamw, RunConfig(optim="adamw", **muon_only), data) == []
     with pytest.raises(ConfigError, match="muon_momentum .* -> 0.9"):
         check_same_run(tmp_path, run_identity(RunConfig(optim="muon"), data), RunConfig(optim="muon", **muon_only), data)  # fmt: skip
+
+
+def test_a_dataset_branch_is_recorded_as_its_commit_and_a_moved_branch_is_said(monkeypatch, tmp_path):
+    """dataset_revision main is pinned to the commit it resolves to (what run_config.yaml and the checkpoint
+    record); a resume after main moved resolves another commit and is refused, naming the recorded one."""
+    from types import SimpleNamespace
+
+    import huggingface_hub
+
+    from recipe import resume
+    from recipe.checkpoint import check_same_run, run_identity
+
+    heads, a, b = {}, "a" * 40, "b" * 40
+    hub = SimpleNamespace(dataset_info=lambda name, revision=None: SimpleNamespace(sha=heads[revision]))
+    heads["main"] = a
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(resume, "make_api", lambda token=None: hub)
+    accelerator, said = SimpleNamespace(is_main_process=True, num_processes=1, print=print), []
+    cfg = RunConfig(dataset_name="someone/corpus", dataset_revision="main", cache_dir=str(tmp_path))
+    resume.pin_dataset_revision(cfg, accelerator)
+    assert cfg.dataset_revision == a
+    data = SimpleNamespace(tokenizer=None, fingerprint="f")
+    monkeypatch.setattr("recipe.tokenizer.tokenizer_fingerprint", lambda tok: "t")
+    saved = run_identity(cfg, data)
+    (tmp_path / "trainer_state.json").write_text(json.dumps(saved))
+
+    heads["main"] = b  # a push to the dataset
+    again = RunConfig(dataset_name="someone/corpus", dataset_revision="main", cache_dir=str(tmp_path))
+    accelerator.print = said.append
+    resume.pin_dataset_revision(again, accelerator, tmp_path)
+    assert again.dataset_revision == b
+    assert said == [f"dataset_revision: main is commit {b} (recorded as that)"]
+    with pytest.raises(ConfigError, match=f"the dataset's commit \\(resume with --dataset_revision {a}\\)"):
+        check_same_run(tmp_path, saved, again, data)
