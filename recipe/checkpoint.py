@@ -355,7 +355,7 @@ def run_identity(cfg, data) -> dict[str, Any]:
     from recipe.tokenizer import tokenizer_fingerprint
 
     return {"tokenizer_fingerprint": tokenizer_fingerprint(data.tokenizer), "data_content_fingerprint": data.fingerprint,
-            "dataset_revision": cfg.dataset_revision, "seed": cfg.seed,
+            "data_files": data.files, "dataset_revision": cfg.dataset_revision, "seed": cfg.seed,
             "schedule": {k: getattr(cfg, k) for k in SCHEDULE_KEYS},
             "optimizer": {k: getattr(cfg, k) for k in OPTIMIZER_KEYS}}  # fmt: skip
 
@@ -374,6 +374,7 @@ def check_same_run(checkpoint: Path, saved: dict[str, Any], cfg, data) -> list[s
         for key, what in [
             ("tokenizer_fingerprint", "the tokenizer"),
             ("data_content_fingerprint", "the data"),
+            ("data_files", "the data files' content (sizes and sampled bytes)"),
             (
                 "dataset_revision",
                 f"the dataset's commit (resume with --dataset_revision {saved.get('dataset_revision')})",

@@ -491,7 +491,7 @@ def test_a_hub_dataset_is_read_at_one_commit_recorded_and_compared(monkeypatch, 
     with pytest.raises(ConfigError):
         documents_module._hub_documents(cfg)
     assert asked["revision"] == "abc123"
-    data = SimpleNamespace(tokenizer=None, fingerprint="f")
+    data = SimpleNamespace(tokenizer=None, fingerprint="f", files=None)
     monkeypatch.setattr("recipe.tokenizer.tokenizer_fingerprint", lambda tok: "t")
     saved = run_identity(cfg, data)
     cfg.dataset_revision = "def456"
@@ -516,7 +516,7 @@ def test_a_checkpoint_from_before_a_new_setting_is_named_not_a_traceback(tmp_pat
         check_model_matches(
             tmp_path, SimpleNamespace(to_dict=lambda: {"vocab_size": 1024, "hidden_size": 32})
         )
-    data = SimpleNamespace(tokenizer=tiny_tokenizer, fingerprint="data")
+    data = SimpleNamespace(tokenizer=tiny_tokenizer, fingerprint="data", files=None)
     old = run_identity(RunConfig(optim="muon"), data)
     del old["optimizer"]["muon_split_fused"]  # what a checkpoint written before the key holds
     assert check_same_run(tmp_path, old, RunConfig(optim="muon", muon_split_fused=False), data) == []
@@ -531,7 +531,7 @@ def test_a_resume_compares_the_seed_and_only_the_settings_of_the_runs_optimizer(
 
     from recipe.checkpoint import check_same_run, run_identity
 
-    data = SimpleNamespace(tokenizer=tiny_tokenizer, fingerprint="data")
+    data = SimpleNamespace(tokenizer=tiny_tokenizer, fingerprint="data", files=None)
     saved = run_identity(RunConfig(seed=42), data)
     with pytest.raises(ConfigError, match="the seed .*--seed 42"):
         check_same_run(tmp_path, saved, RunConfig(seed=7), data)
@@ -562,7 +562,7 @@ def test_a_dataset_branch_is_recorded_as_its_commit_and_a_moved_branch_is_said(m
     cfg = RunConfig(dataset_name="someone/corpus", dataset_revision="main", cache_dir=str(tmp_path))
     resume.pin_dataset_revision(cfg, accelerator)
     assert cfg.dataset_revision == a
-    data = SimpleNamespace(tokenizer=None, fingerprint="f")
+    data = SimpleNamespace(tokenizer=None, fingerprint="f", files=None)
     monkeypatch.setattr("recipe.tokenizer.tokenizer_fingerprint", lambda tok: "t")
     saved = run_identity(cfg, data)
     (tmp_path / "trainer_state.json").write_text(json.dumps(saved))
