@@ -105,7 +105,8 @@ class Muon(torch.optim.Muon):
       doing all of it. Needs the same gradients on every process, as DDP leaves them. The update equals one
       process's (bitwise in fp32 in the tests; within bf16 rounding on GPUs). Not across nodes: at 124M the
       iteration is ~3 ms per step on an H100, while gathering its ~230 MB of bf16 updates over a network
-      would take longer than that; over NVLink it is well under it.
+      would take longer than that; over NVLink it is well under it. Nodes of unequal size share among all
+      processes instead (`sharing_groups`).
     - a param group's `split` k (fused matrices: q, k, v in `c_attn`; gate, up in `c_fc`): its matrices are
       orthogonalised as k row blocks, each as if it were its own matrix (as nanochat and modded-nanogpt do)."""
 
@@ -202,23 +203,47 @@ def refuse_sharded(model: torch.nn.Module) -> None:
 
 
 def node_group():
-    """This node's processes as a process group (the whole world on one machine), or None where this
-    process is alone on its machine. A collective every process calls in the same order: the machines are
-    told apart by every rank's host name, gathered once, so every rank takes the same decisions (nodes may
-    run different numbers of processes, their ranks need not be consecutive)."""
+    """The processes this one shares the Newton-Schulz with, as a process group: its node's, or the whole
+    world's (one node, or nodes of unequal size), or None where it does all of it itself (one process per
+    node). A collective every process calls in the same order.
+
+    A node is what the launcher says it is: torchrun's agent (also under `accelerate launch`, which runs it)
+    gives each process its node's GROUP_RANK, so two launches on one host are two nodes; without it (mpirun)
+    the host name decides. Every rank's node is gathered once, so every rank takes the same decision."""
     import socket
 
     import torch.distributed as dist
 
-    hosts: list[str] = [None] * dist.get_world_size()  # type: ignore[list-item]
-    dist.all_gather_object(hosts, socket.gethostname())
-    nodes: dict[str, list[int]] = {}
-    for rank, host in enumerate(hosts):
-        nodes.setdefault(host, []).append(rank)
-    if len(nodes) == 1:
+    mine = f"node {os.environ['GROUP_RANK']}" if "GROUP_RANK" in os.environ else socket.gethostname()
+    nodes: list[str] = [None] * dist.get_world_size()  # type: ignore[list-item]
+    dist.all_gather_object(nodes, mine)
+    groups = sharing_groups(nodes)
+    if len(groups) == 1:
+        if len(set(nodes)) > 1 and dist.get_rank() == 0:
+            sizes = sorted({nodes.count(node) for node in nodes})
+            print(f"Muon: the nodes run {' and '.join(map(str, sizes))} processes; the Newton-Schulz is shared "
+                  f"by all {len(nodes)} processes (a gather across nodes every step), so every replica "
+                  "applies the same update")  # fmt: skip
         return dist.group.WORLD
-    mine, _ = dist.new_subgroups_by_enumeration(list(nodes.values()))
-    return mine if len(nodes[hosts[dist.get_rank()]]) > 1 else None
+    if len(groups[0]) == 1:
+        return None
+    group, _ = dist.new_subgroups_by_enumeration(groups)
+    return group
+
+
+def sharing_groups(nodes: list[str]) -> list[list[int]]:
+    """The ranks that share each Newton-Schulz, from every rank's node (`nodes[rank]`): each node's ranks
+    where every node runs as many processes (the i-th process of each node then orthogonalises the same
+    slice, the same shapes: the same bits everywhere), otherwise all ranks. A node of 1 would orthogonalise
+    whole stacks where a node of 2 does halves, and batched kernels and compiled graphs are chosen by shape:
+    they may round differently, and the replicas would drift apart. Shared by all, each update is computed
+    once and gathered by every process: the same bits by construction, for a gather across nodes in a
+    layout that is rare (a refusal would stop a launch that trains correctly)."""
+    by_node: dict[str, list[int]] = {}
+    for rank, node in enumerate(nodes):
+        by_node.setdefault(node, []).append(rank)
+    groups = list(by_node.values())
+    return groups if len({len(g) for g in groups}) == 1 else [list(range(len(nodes)))]
 
 
 def fused_blocks(model: torch.nn.Module) -> dict[int, int]:

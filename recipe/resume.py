@@ -234,17 +234,12 @@ def check_resumed_alike(accelerator: Accelerator, model, state: dict, data: Prep
         return
     from accelerate.utils import gather_object
 
+    from recipe.replicas import weights_checksum
     from recipe.tokenizer import tokenizer_fingerprint
 
     checksum = None
     if accelerator.distributed_type != DistributedType.FSDP:
-        # The weights' bits summed as integers: exact and order-free on any device (NaN weights compare too).
-        ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-        with torch.no_grad():
-            bits = [
-                p.detach().contiguous().view(ints[p.element_size()]).long().sum() for p in model.parameters()
-            ]
-            checksum = int(sum(bits))
+        checksum = int(weights_checksum(model))
     mine = (state["global_step"], checksum, tokenizer_fingerprint(data.tokenizer), data.fingerprint)
     every = gather_object([mine])
     differ = [rank for rank, theirs in enumerate(every) if theirs != every[0]]

@@ -49,6 +49,7 @@ from recipe.metrics import (
 from recipe.model_card import card_writer, write_sample
 from recipe.optim import build_optimizers, make_schedule, schedule_curve
 from recipe.plots import plot_lr
+from recipe.replicas import check_replicas
 from recipe.resume import (
     check_resume,
     check_resumed_alike,
@@ -369,6 +370,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if is_log:
             row = meter.row(step, state, schedulers[0].get_last_lr()[0], grad_norm)
             log_row(accelerator, log, row, progress, "train")
+        if is_eval or is_save or stopping:  # replicas that drifted apart end the run before anything is saved
+            check_replicas(accelerator, model, step, hub, output_dir)
         if is_eval and not (
             stopping and step < cfg.max_steps
         ):  # a stop saves first: the grace period is short

@@ -209,10 +209,8 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         return plain(stack, *args)
 
     recipe.optim.newton_schulz_batched = recording
-    if os.environ.get("TEST_ONE_HOST_PER_RANK"):  # as if each rank ran on a machine of its own
-        import socket
-
-        socket.gethostname = lambda: f"node{rank}"
+    # The node torchrun's agent names (one host name here): each rank a node of its own, or both one node.
+    os.environ["GROUP_RANK"] = str(rank) if os.environ.get("TEST_ONE_NODE_PER_RANK") else "0"
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)
     config = GPTConfig(
@@ -233,11 +231,11 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 @pytest.mark.parametrize("per_node", [2, 1])
 def test_muon_under_ddp_equals_one_process_on_the_whole_batch(tmp_path, monkeypatch, per_node):
-    """2 processes on a machine share the Newton-Schulz; 1 process per machine (2 host names) does all of it
-    itself (a network gather would cost more than it saves)."""
+    """2 processes on a node share the Newton-Schulz; 1 process per node (the launcher's GROUP_RANK, on one
+    host) does all of it itself (a network gather would cost more than it saves)."""
     import torch.multiprocessing as mp
 
-    monkeypatch.setenv("TEST_ONE_HOST_PER_RANK", "1" if per_node == 1 else "")
+    monkeypatch.setenv("TEST_ONE_NODE_PER_RANK", "1" if per_node == 1 else "")
 
     from recipe import GPTConfig, GPTForCausalLM
 
