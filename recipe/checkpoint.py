@@ -8,7 +8,9 @@
       trainer_state.json step, tokens, runtime and the batch layout; written last
 
 A checkpoint is written as `tmp-checkpoint-<step>` and renamed when complete, so a crash mid-write never costs
-the last good one. The weights are saved once, from the plain model: never with the wrappers of
+the last good one; a folder is deleted by renaming it `deleting-<name>` first (a name never listed), so a crash
+mid-delete never leaves a `checkpoint-<step>` that looks complete but is not. `tidy_output_dir` finishes at the
+next start what such a crash left. The weights are saved once, from the plain model: never with the wrappers of
 torch.compile (`_orig_mod.`), DDP (`module.`) or FSDP (whose class `fully_shard` swaps in); under FSDP the
 full state dict is gathered (a collective: every rank calls) and rank 0 saves a plain copy. Nothing here
 unpickles freely: weights are safetensors, our state is JSON, and accelerate loads the rest with
@@ -32,6 +34,9 @@ from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 from recipe.config import ConfigError, padding_ids
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+TMP_CHECKPOINT_RE = re.compile(r"^tmp-checkpoint-(\d+)$")
+DELETING = "deleting-"  # the prefix of a folder being deleted: never a checkpoint, removed at the next start
+DELETING_RE = re.compile(r"^deleting-(tmp-)?checkpoint-\d+$")
 STATE_FILE = "trainer_state.json"
 TRAINING_STATE = "training_state"
 # The sampling defaults saved with every model: generate(), pipeline() and `recipe.generate` read them.
@@ -54,13 +59,69 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
 
 
+def holds_checkpoints(output_dir: Path) -> bool:
+    """Whether output_dir holds a checkpoint: a complete one, or a complete one a crash left unrenamed."""
+    pending = output_dir.glob("tmp-checkpoint-*") if output_dir.is_dir() else []
+    return bool(list_checkpoints(output_dir)) or any((p / STATE_FILE).is_file() for p in pending)
+
+
 def rotate_checkpoints(output_dir: Path, keep: int | None, uploading: str | None = None) -> list[Path]:
     """Delete all but the newest `keep` complete checkpoints (None: keep all), sparing the one being uploaded
     to the Hub (it goes at a later rotation). Returns what was deleted."""
     old = [p for p in (list_checkpoints(output_dir)[:-keep] if keep else []) if p.name != uploading]
     for path in old:
-        shutil.rmtree(path)
+        delete_folder(path)
     return old
+
+
+def set_aside(path: Path) -> Path:
+    """Rename `path` to `deleting-<name>` beside it (one atomic rename): from then on it is no checkpoint,
+    whatever a crash leaves of it. Returns the new path."""
+    aside = path.with_name(DELETING + path.name)
+    if aside.exists():  # what an earlier crash left of the same name: garbage already
+        shutil.rmtree(aside)
+    os.replace(path, aside)
+    return aside
+
+
+def delete_folder(path: Path) -> None:
+    """Delete a folder so that a crash midway (kill -9 inside rmtree) leaves only `deleting-<name>`."""
+    shutil.rmtree(set_aside(path))
+
+
+def promote(tmp: Path, final: Path) -> None:
+    """Rename a complete `tmp` to `final`. os.replace cannot replace a non-empty folder, so an existing
+    `final` is set aside first and deleted after: at every instant one of them is complete and findable
+    (a crash between the two renames leaves the complete `tmp`, which `tidy_output_dir` promotes)."""
+    old = set_aside(final) if final.exists() else None
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def tidy_output_dir(output_dir: Path) -> str | None:
+    """Finish what a crash left in output_dir (the main process, at the start, before any checkpoint is
+    looked for): a `tmp-checkpoint-<step>` holding its state file is complete and becomes `checkpoint-<step>`;
+    one without is half-written, and a `deleting-*` folder half-deleted: both are removed. Returns the line
+    that says so, or None when there was nothing to do."""
+    if not output_dir.is_dir():
+        return None
+    done = []
+    for path in sorted(output_dir.iterdir()):
+        match = TMP_CHECKPOINT_RE.match(path.name)
+        if match and path.is_dir() and (path / STATE_FILE).is_file():
+            promote(path, output_dir / f"checkpoint-{match.group(1)}")
+            done.append(f"completed {path.name} as checkpoint-{match.group(1)}")
+        elif match and path.is_dir():
+            delete_folder(path)
+            done.append(f"removed the half-written {path.name}")
+    for path in sorted(output_dir.iterdir()):
+        if DELETING_RE.match(path.name) and path.is_dir():
+            shutil.rmtree(path)
+            done.append(f"removed the half-deleted {path.name.removeprefix(DELETING)}")
+    if not done:
+        return None
+    return f"output_dir: an interrupted run left unfinished folders in {output_dir}: {'; '.join(done)}"
 
 
 def find_checkpoint(
@@ -228,7 +289,7 @@ def save_checkpoint(
     final = output_dir / f"checkpoint-{state['global_step']}"
     tmp = output_dir / f"tmp-checkpoint-{state['global_step']}"
     if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
+        delete_folder(tmp)
     accelerator.wait_for_everyone()
     saved = save_model_folder(model, tmp, tokenizer, accelerator.is_main_process)
     config = None if saved is None else saved.config
@@ -241,9 +302,7 @@ def save_checkpoint(
         if write_card is not None:
             write_card(tmp, config)
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))  # last: marks the folder complete
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        promote(tmp, final)  # a step saved again (a resumed run) replaces its old folder, never loses both
         rotate_checkpoints(output_dir, save_total_limit, uploading)
     accelerator.wait_for_everyone()
     return final
@@ -291,13 +350,19 @@ OPTIMIZER_KEYS = (
 
 
 def run_identity(cfg, data) -> dict[str, Any]:
-    """What a resume must continue: the tokenizer, the data and the learning-rate schedule (saved with
-    every checkpoint; `check_same_run` compares them)."""
+    """What a resume must continue: the tokenizer, the data (and the seed that shuffles it) and the
+    learning-rate schedule (saved with every checkpoint; `check_same_run` compares them)."""
     from recipe.tokenizer import tokenizer_fingerprint
 
     return {"tokenizer_fingerprint": tokenizer_fingerprint(data.tokenizer), "data_content_fingerprint": data.fingerprint,
-            "dataset_revision": cfg.dataset_revision, "schedule": {k: getattr(cfg, k) for k in SCHEDULE_KEYS},
+            "data_files": data.files, "dataset_revision": cfg.dataset_revision, "seed": cfg.seed,
+            "schedule": {k: getattr(cfg, k) for k in SCHEDULE_KEYS},
             "optimizer": {k: getattr(cfg, k) for k in OPTIMIZER_KEYS}}  # fmt: skip
+
+
+def applies(key: str, optim: str) -> bool:
+    """Whether a schedule or optimizer setting has any effect with `optim` (AdamW runs ignore muon_*)."""
+    return optim == "muon" or not key.startswith("muon_")
 
 
 def check_same_run(checkpoint: Path, saved: dict[str, Any], cfg, data) -> list[str]:
@@ -309,17 +374,22 @@ def check_same_run(checkpoint: Path, saved: dict[str, Any], cfg, data) -> list[s
         for key, what in [
             ("tokenizer_fingerprint", "the tokenizer"),
             ("data_content_fingerprint", "the data"),
+            ("data_files", "the data files' content (sizes and sampled bytes)"),
             (
                 "dataset_revision",
                 f"the dataset's commit (resume with --dataset_revision {saved.get('dataset_revision')})",
             ),
+            # the seed orders map-style data (accelerate's seedable sampler) and a stream's shuffle buffer
+            ("seed", f"the seed (it shuffles the data: resume with --seed {saved.get('seed')})"),
         ]  # fmt: skip
         # not checked: what a checkpoint written before these were saved lacks, or a commit not resolved
         if saved.get(key) is not None and ours[key] is not None and saved[key] != ours[key]
     ]
     schedule = saved.get("schedule", ours["schedule"])
     changes = [
-        f"{k} {schedule[k]} -> {v}" for k, v in ours["schedule"].items() if k in schedule and schedule[k] != v
+        f"{k} {schedule[k]} -> {v}"
+        for k, v in ours["schedule"].items()
+        if k in schedule and schedule[k] != v and applies(k, cfg.optim)
     ]
     if changes and not cfg.resume_new_schedule:
         differ.append(f"the schedule ({', '.join(changes)}; --resume_new_schedule true runs the new one)")
@@ -330,7 +400,7 @@ def check_same_run(checkpoint: Path, saved: dict[str, Any], cfg, data) -> list[s
     other = [
         f"{k} {optimizer[k]} -> {v}"
         for k, v in ours["optimizer"].items()
-        if k in optimizer and optimizer[k] != v
+        if k in optimizer and optimizer[k] != v and applies(k, cfg.optim)  # optim itself is always compared
     ]
     if other:
         differ.append(f"the optimizer settings ({', '.join(other)}: the checkpoint's are what would run)")

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from recipe.config import ConfigError, RunConfig, load_config
-from recipe.documents import iter_texts, load_documents, source_key
+from recipe.documents import iter_texts, load_documents, local_files_identity, source_key
 from recipe.stream import PackedStream, stream_identity, stream_loader
 from recipe.tokenizer import get_tokenizer
 from recipe.tokens import SplitSummary, TokenBlocks, format_summary, token_blocks
@@ -39,6 +39,7 @@ class PreparedData:
     summary: dict[str, SplitSummary]  # "train" (all zeros when streaming) and "validation"
     source: str
     fingerprint: str = ""  # of the documents of both splits (a stream: its source, files and shards)
+    files: str | None = None  # local files' content (`documents.files_identity`); None: not local files
 
 
 def prepare_data(
@@ -82,7 +83,8 @@ def prepare_data(
     # What a resume compares: the content, never paths, mtimes or cache keys (another node's copy of the
     # same files, or the corpus extracted again, is the same data). A stream: its source's identity.
     fingerprint = Hasher.hash([fingerprint or identity, _content_fingerprint(splits["validation"], summary)])
-    return PreparedData(tokenizer, train, validation, summaries, source, fingerprint)
+    files = local_files_identity(cfg)  # the sampled documents above miss a rewrite elsewhere in a file
+    return PreparedData(tokenizer, train, validation, summaries, source, fingerprint, files)
 
 
 def _content_fingerprint(docs: Dataset, summary: SplitSummary) -> str:

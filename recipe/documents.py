@@ -198,6 +198,40 @@ def expand(key: str, patterns: list[str]) -> list[Path]:
     return list(files)
 
 
+FILE_SLICES, SLICE_BYTES = (
+    4,
+    1 << 16,
+)  # what a file's identity reads: 4 windows of 64 KiB (all of a small file)
+
+
+def files_identity(paths: list[Path]) -> str:
+    """What local files hold, whatever their path or times (another mount, a copy, a corpus extracted again):
+    each file's size and a hash of FILE_SLICES fixed windows of SLICE_BYTES (the first, the last and evenly
+    between; the whole file when it is smaller), in order. A few reads per file, at any size. An in-place
+    rewrite of the same size is caught unless it spares every window. (datasets' fingerprint of local files
+    is of their paths and modification times.)"""
+    parts = []
+    for path in paths:
+        size, digest = path.stat().st_size, hashlib.blake2b(digest_size=16)
+        with path.open("rb") as f:
+            if size <= FILE_SLICES * SLICE_BYTES:
+                digest.update(f.read())
+            else:
+                for i in range(FILE_SLICES):
+                    f.seek((size - SLICE_BYTES) * i // (FILE_SLICES - 1))
+                    digest.update(f.read(SLICE_BYTES))
+        parts.append((size, digest.hexdigest()))
+    return Hasher.hash(parts)
+
+
+def local_files_identity(cfg: RunConfig) -> str | None:
+    """`files_identity` of train_files and validation_files; None for a Hub dataset or the default corpus
+    (checked by its sha256)."""
+    if not cfg.train_files:
+        return None
+    return files_identity(expand("train_files", cfg.train_files) + expand("validation_files", cfg.validation_files or []))  # fmt: skip
+
+
 def _files_dataset(
     paths: list[Path], key: str, text_column: str, cache: str, streaming: bool
 ) -> Dataset | IterableDataset:

@@ -32,7 +32,7 @@ from recipe.config import ConfigError, RunConfig
 # Written beside the model in a checkpoint: needed to resume, not to use the model.
 TRAINING_ONLY = ["training_state/*", "trainer_state.json"]
 # In output_dir, but not part of the final model folder.
-NOT_THE_MODEL = ["checkpoint-*", "tmp-checkpoint-*", "runs/*", "*/events.out.*"]
+NOT_THE_MODEL = ["checkpoint-*", "tmp-checkpoint-*", "deleting-*", "runs/*", "*/events.out.*"]
 PROGRESS_EVERY = 15.0  # seconds between "still uploading" lines
 
 
@@ -89,6 +89,10 @@ def download_last_checkpoint(
         ) from None
     path = Path(folder) / "last-checkpoint"
     return None if missing_ok and not (path / "trainer_state.json").is_file() else path
+
+
+class HubPushError(Exception):
+    """The final model did not reach the Hub: the run exits non-zero with one line naming the repo and folder."""
 
 
 class HubPusher:

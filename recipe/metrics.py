@@ -224,8 +224,9 @@ class Meter:
         state["train_loss_sum"] = state.get("train_loss_sum", 0.0) + self.train_loss * self.steps
         state["train_loss_steps"] = state.get("train_loss_steps", 0) + self.steps
         self.window = self.steps
-        row = {"step": step, "epoch": state["epoch"], "loss": self.train_loss, "lr": lr, "grad_norm": float(grad_norm),
-               "tokens_per_second": tok_s, "tokens_seen": state["tokens_seen"]}  # fmt: skip
+        # window_steps: the steps the loss is a mean over (the last window of a run may be short; plots skip it).
+        row = {"step": step, "epoch": state["epoch"], "loss": self.train_loss, "window_steps": self.steps, "lr": lr,
+               "grad_norm": float(grad_norm), "tokens_per_second": tok_s, "tokens_seen": state["tokens_seen"]}  # fmt: skip
         if self.peak:
             row["mfu"] = tok_s * self.flops_per_token / self.peak
         self.loss_sum.zero_()

@@ -270,6 +270,16 @@ def muon_param_groups(params: list[torch.nn.Parameter], model: torch.nn.Module, 
     return [{"params": ps, "split": k} for k, ps in sorted(groups.items())]
 
 
+def optimizer_groups(model: torch.nn.Module, cfg: RunConfig) -> list[list[dict[str, Any]]]:
+    """The param groups of each optimizer `build_optimizers` makes: [AdamW's] or [AdamW's, Muon's]. A resume
+    compares their sizes with the checkpoint's saved optimizers before loading them."""
+    muon_params = hidden_matrices(model) if cfg.optim == "muon" else []
+    groups = [param_groups(model, cfg.weight_decay, skip=muon_params)]
+    if cfg.optim == "muon":
+        groups.append(muon_param_groups(muon_params, model, cfg.muon_split_fused))
+    return groups
+
+
 def build_optimizers(model: torch.nn.Module, cfg: RunConfig, device_type: str, num_processes: int = 1) -> list[torch.optim.Optimizer]:  # fmt: skip
     """The optimizers of a run, each to be passed to `accelerator.prepare` on its own (a wrapper around
     several stops stepping once prepared), each with its own scheduler.
@@ -279,12 +289,11 @@ def build_optimizers(model: torch.nn.Module, cfg: RunConfig, device_type: str, n
     Fused AdamW on CUDA, foreach elsewhere. Muon's Newton-Schulz is compiled with the model (torch_compile)
     and, with several (DDP) processes, shared out among them."""
     fused = device_type == "cuda"
-    muon_params = []
     if cfg.optim == "muon":
         refuse_sharded(model)
-        muon_params = hidden_matrices(model)
+    adamw_groups, *muon_groups = optimizer_groups(model, cfg)
     adamw = torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay, skip=muon_params),
+        adamw_groups,
         lr=cfg.learning_rate,
         betas=(cfg.adam_beta1, cfg.adam_beta2),
         eps=cfg.adam_epsilon,
@@ -294,7 +303,7 @@ def build_optimizers(model: torch.nn.Module, cfg: RunConfig, device_type: str, n
     if cfg.optim != "muon":
         return [adamw]
     muon = Muon(
-        muon_param_groups(muon_params, model, cfg.muon_split_fused),
+        muon_groups[0],
         ns_dtype=torch.bfloat16 if device_type == "cuda" else torch.float32,
         compiled=cfg.torch_compile,
         distributed=num_processes > 1,  # FSDP and DeepSpeed were refused: several processes are DDP

@@ -20,7 +20,7 @@ def _pyplot():
 def plot_loss(rows: list[dict[str, Any]], path: str | Path, vocab_size: int | None = None) -> None:
     """Loss against steps; with HellaSwag scores in `rows`, a second panel of acc_norm beside it."""
     plt = _pyplot()
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    train = full_windows([r for r in rows if "loss" in r])
     evals = [r for r in rows if "eval_loss" in r]
     scores = [r for r in rows if "eval_hellaswag_acc_norm" in r]
     fig, axes = plt.subplots(1, 2 if scores else 1, figsize=(13 if scores else 7, 4.5), squeeze=False)
@@ -47,6 +47,14 @@ def plot_loss(rows: list[dict[str, Any]], path: str | Path, vocab_size: int | No
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def full_windows(rows: list[dict[str, Any]]) -> list[tuple[int, float]]:
+    """(step, loss) of the rows whose loss is a mean over a whole logging window: the last window of a run (or
+    the first after a resume) may hold a single step, a spike on a curve of means. Rows logged before
+    `window_steps` was recorded count as whole."""
+    longest = max((r.get("window_steps", 0) for r in rows), default=0)
+    return [(r["step"], r["loss"]) for r in rows if r.get("window_steps", longest) == longest]
 
 
 def plot_hellaswag(ax, rows: list[dict[str, Any]]) -> None:

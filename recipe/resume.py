@@ -4,6 +4,7 @@ alike. `layout` is what a checkpoint records of the data position and the tokens
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +13,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from recipe.checkpoint import (
+    TRAINING_STATE,
     check_model_matches,
     check_same_run,
     find_checkpoint,
@@ -19,22 +21,26 @@ from recipe.checkpoint import (
     read_state,
     resume_accumulation,
     run_identity,
+    tidy_output_dir,
 )
 from recipe.config import ConfigError, RunConfig
 from recipe.hub import download_last_checkpoint, make_api
+
+COMMIT = re.compile(r"[0-9a-f]{40}")  # a dataset_revision that is a commit already, not a branch or tag
 
 if TYPE_CHECKING:  # recipe.data (and `datasets`) is imported in train.main(): `make gpu-check` runs without
     from recipe.data import PreparedData
 
 
 def pin_dataset_revision(cfg: RunConfig, accelerator: Accelerator, checkpoint: Path | None = None) -> None:
-    """A Hub dataset is read at one commit: a resumed run's checkpoint's, else the current one, which the main
-    process asks the Hub for (unless dataset_revision names one), and every process uses that, so a push to
-    the dataset mid-launch cannot give nodes different data; it is saved in run_config.yaml and every
-    checkpoint. Offline: left unset."""
-    if not cfg.dataset_name or cfg.dataset_revision:
+    """A Hub dataset is read at one commit: a resumed run's checkpoint's, else the one dataset_revision (a
+    branch or tag such as `main`; unset: the default branch) points at now, which the main process asks the
+    Hub for, and every process uses that, so a push to the dataset mid-launch cannot give nodes different
+    data. The commit is what run_config.yaml and every checkpoint record, so a resume after the branch moved
+    is refused in one line (check_same_run). Offline: left as given."""
+    if not cfg.dataset_name or (cfg.dataset_revision and COMMIT.fullmatch(cfg.dataset_revision)):
         return
-    if checkpoint is not None:  # read by every process, a bad copy stopping all of them
+    if checkpoint is not None and not cfg.dataset_revision:  # read by every process, a bad copy stopping all
         saved = collectively(accelerator, lambda: read_state(checkpoint)).get("dataset_revision")
         if saved:
             cfg.dataset_revision = saved
@@ -42,16 +48,22 @@ def pin_dataset_revision(cfg: RunConfig, accelerator: Accelerator, checkpoint: P
     from accelerate.utils import broadcast_object_list
     from huggingface_hub import constants
 
-    revision = [None]
+    revision = [cfg.dataset_revision]
     if accelerator.is_main_process and not constants.HF_HUB_OFFLINE:
         try:
-            revision = [make_api(cfg.hub_token).dataset_info(cfg.dataset_name).sha]
+            revision = [
+                make_api(cfg.hub_token).dataset_info(cfg.dataset_name, revision=cfg.dataset_revision).sha
+            ]
         except Exception as err:  # load_dataset says what is wrong with the name or the network
             accelerator.print(
                 f"dataset_name: could not resolve {cfg.dataset_name}'s commit ({type(err).__name__})"
             )
     if accelerator.num_processes > 1:
         broadcast_object_list(revision)
+    if cfg.dataset_revision and revision[0] != cfg.dataset_revision:
+        accelerator.print(
+            f"dataset_revision: {cfg.dataset_revision} is commit {revision[0]} (recorded as that)"
+        )
     cfg.dataset_revision = revision[0]
 
 
@@ -87,6 +99,7 @@ def check_checkpoint(accelerator: Accelerator, cfg: RunConfig, model, data, stre
     check_model_matches(checkpoint, model.config)
     saved = read_state(checkpoint)
     changes = check_same_run(checkpoint, saved, cfg, data)
+    check_optimizer_state(accelerator, cfg, model, checkpoint)
     if changes:
         accelerator.print(f"Resuming with a new schedule (resume_new_schedule): {', '.join(changes)}")
     sharded = accelerator.distributed_type == DistributedType.FSDP  # its optimizer state is saved sharded
@@ -105,9 +118,45 @@ def check_checkpoint(accelerator: Accelerator, cfg: RunConfig, model, data, stre
     return checkpoint
 
 
+def check_optimizer_state(accelerator: Accelerator, cfg: RunConfig, model, checkpoint: Path) -> None:
+    """The checkpoint's saved optimizers hold the parameter groups this run builds (how many optimizers,
+    groups and parameters in each), or one line now: torch's load_state_dict would raise a ValueError after
+    output_dir was written. What it catches: a checkpoint of an earlier recipe (a Muon of one group, before
+    Muon's groups per row-block count, saved no optimizer settings to compare) or of another optimizer."""
+    import dataclasses
+
+    from recipe.optim import optimizer_groups
+
+    if accelerator.distributed_type == DistributedType.FSDP:  # saved sharded, in folders; AdamW only
+        return
+
+    def sizes(run: RunConfig) -> list[list[int]]:
+        return [[len(g["params"]) for g in groups] for groups in optimizer_groups(model, run)]
+
+    folder, ours = checkpoint / TRAINING_STATE, sizes(cfg)
+    files = [folder / ("optimizer.bin" if i == 0 else f"optimizer_{i}.bin") for i in range(len(ours) + 1)]
+    # mmap: only the group lists are read, not the moments (twice the model's size)
+    saved = [
+        [len(g["params"]) for g in torch.load(f, map_location="cpu", weights_only=True, mmap=True)["param_groups"]]
+        for f in files
+        if f.is_file()
+    ]  # fmt: skip
+    if saved == ours:
+        return
+    hint, other = "", not cfg.muon_split_fused
+    if cfg.optim == "muon" and saved == sizes(dataclasses.replace(cfg, muon_split_fused=other)):
+        hint = f"; --muon_split_fused {str(other).lower()} builds the checkpoint's groups"
+    raise ConfigError(
+        f"resume_from_checkpoint: {checkpoint}'s optimizer state holds parameter groups of {saved} parameters, "
+        f"this run builds {ours} (optim {cfg.optim}): it was written by an earlier version of the recipe or with "
+        f"other optimizer settings{hint}; resume with those, or start a new output_dir"
+    )
+
+
 def resolve_checkpoint(accelerator: Accelerator, cfg: RunConfig) -> Path | None:
-    """The main process picks the checkpoint (a local folder, or a Hub snapshot: its commit); every process
-    then loads exactly that one, or every process stops with one line. Each process listing output_dir itself
+    """The main process finishes what a crash left in output_dir (`tidy_output_dir`, one line) and picks the
+    checkpoint (a local folder, or a Hub snapshot: its commit); every process then loads exactly that one, or
+    every process stops with one line. Each process listing output_dir itself
     could pick another "latest" (an NFS attribute cache hides a rename), and each node downloading the Hub
     repo itself another snapshot. Every process enters the same collectives on every path, errors included."""
     from accelerate.utils import broadcast_object_list, gather_object
@@ -121,6 +170,9 @@ def resolve_checkpoint(accelerator: Accelerator, cfg: RunConfig) -> Path | None:
     choice: list[Any] = [None, None, None, None]  # path, Hub repo, Hub commit, the main process's error
     if accelerator.is_main_process:
         try:
+            tidied = tidy_output_dir(Path(cfg.output_dir))  # a complete tmp-checkpoint may be the newest
+            if tidied:
+                accelerator.print(tidied)
             found = find_checkpoint(
                 cfg.resume_from_checkpoint, Path(cfg.output_dir), download, cfg.hub_model_id
             )

@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
+import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,7 +27,9 @@ from transformers.utils import logging as hf_logging
 
 from recipe import GPTForCausalLM
 from recipe.checkpoint import (
+    delete_folder,
     generation_config,
+    holds_checkpoints,
     list_checkpoints,
     load_weights_from_model_folder,
     skip_weights_in_save_state,
@@ -150,7 +152,7 @@ def build_model(cfg: RunConfig, tokenizer) -> GPTForCausalLM:
 
 def check_output_dir(cfg: RunConfig) -> None:
     if (
-        list_checkpoints(Path(cfg.output_dir))
+        holds_checkpoints(Path(cfg.output_dir))
         and not cfg.resume_from_checkpoint
         and not cfg.overwrite_output_dir
     ):
@@ -168,7 +170,7 @@ def start_output_dir(cfg: RunConfig, accelerator: Accelerator) -> None:
         output_dir.mkdir(parents=True, exist_ok=True)
         if cfg.overwrite_output_dir and not cfg.resume_from_checkpoint:
             for old in list_checkpoints(output_dir):
-                shutil.rmtree(old)
+                delete_folder(old)  # renamed first: a crash midway leaves no checkpoint that looks whole
         cfg.save(output_dir / "run_config.yaml")
     accelerator.wait_for_everyone()
     if not (output_dir / "run_config.yaml").is_file():
@@ -178,9 +180,29 @@ def start_output_dir(cfg: RunConfig, accelerator: Accelerator) -> None:
         )
 
 
+# The Accelerators whose trackers started: `end_trackers` ends them when a run stops with an error.
+TRACKING: list[Accelerator] = []
+
+
 def init_trackers(accelerator: Accelerator, cfg: RunConfig) -> None:
     if cfg.report_to != "none":
         hparams = {
             k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in cfg.to_dict().items()
         }
         accelerator.init_trackers(cfg.run_name or Path(cfg.output_dir).name, config=hparams)
+        TRACKING.append(accelerator)
+
+
+def end_trackers() -> None:
+    """After an error: finish each started tracker (TensorBoard closes its files, wandb marks the run ended
+    instead of leaving it running), never raising over the error itself. A finished run's end_training and
+    a stop's do this themselves."""
+    while TRACKING:
+        for tracker in TRACKING.pop().trackers:
+            try:
+                tracker.finish()
+            except Exception as err:
+                print(
+                    f"report_to: {tracker.name} did not end cleanly ({type(err).__name__}: {err})",
+                    file=sys.stderr,
+                )

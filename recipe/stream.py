@@ -18,7 +18,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerBase
 
 from recipe.config import ConfigError, RunConfig
-from recipe.documents import expand
+from recipe.documents import expand, files_identity
 from recipe.tokens import SplitSummary, token_type, tokenize
 
 STREAM_SHUFFLE_BUFFER = 10_000  # blocks
@@ -30,13 +30,10 @@ STREAM_STATE_BYTES_PER_BATCH = 1 << 20
 
 
 def stream_identity(cfg: RunConfig, stream: IterableDataset) -> str:
-    """What a saved stream position is a position in: the source, its files (names and sizes) and shard
-    count. A resume into anything else is refused (`datasets` would place the position in other data)."""
-    files = (
-        [(str(p), p.stat().st_size) for p in expand("train_files", cfg.train_files)]
-        if cfg.train_files
-        else []
-    )
+    """What a saved stream position is a position in: the source, its files (their content, by
+    `files_identity`: not their paths, so the same files at another mount resume) and shard count. A resume
+    into anything else is refused (`datasets` would place the position in other data)."""
+    files = files_identity(expand("train_files", cfg.train_files)) if cfg.train_files else []
     source = [cfg.dataset_name, cfg.dataset_config_name, cfg.text_column, files, stream.num_shards]
     return Hasher.hash(source + [cfg.dataset_revision] if cfg.dataset_revision else source)
 
@@ -171,7 +168,7 @@ class StreamLoader(StatefulDataLoader):
         if state.get("stream", self.dataset.identity) != self.dataset.identity:
             raise ConfigError(
                 "resume_from_checkpoint: the checkpoint's stream position is in other data: the data source, "
-                "its files (names, sizes, count) or its shards changed since it was saved; resume with the "
+                "its files (their content or count) or its shards changed since it was saved; resume with the "
                 "same data"
             )
         self.set_epoch(state["epoch"])

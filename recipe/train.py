@@ -38,7 +38,7 @@ from recipe.checkpoint import (
 from recipe.config import ConfigError, RunConfig, load_config
 from recipe.downstream import report as downstream_report
 from recipe.downstream.run import downstream_due, downstream_items, score_downstream
-from recipe.hub import HubPusher
+from recipe.hub import HubPusher, HubPushError
 from recipe.metrics import (
     JsonlLog,
     Meter,
@@ -65,6 +65,7 @@ from recipe.run_setup import (
     check_output_dir,
     check_trackers,
     dataloaders,
+    end_trackers,
     init_trackers,
     make_accelerator,
     show_progress_messages,
@@ -264,8 +265,11 @@ def finish(accelerator, model, cfg: RunConfig, data: PreparedData, log: JsonlLog
                 f"\nA sample at temperature {SAMPLING['temperature']}, top-k {SAMPLING['top_k']}:\n{sample}"
             )
     accelerator.wait_for_everyone()  # the others may now exit, while the main process pushes
-    if hub is not None:
-        hub.push_final(output_dir)
+    if hub is not None and not hub.push_final(output_dir):
+        raise HubPushError(
+            f"push_to_hub: the final model is not on {hub.repo_id}; everything is in {output_dir.resolve()}/ "
+            f"(`hf upload {hub.repo_id} {output_dir}` pushes it)"
+        )
     accelerator.end_training()
 
 
@@ -302,16 +306,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     optimizers = build_optimizers(model, cfg, accelerator.device.type, world)
     schedulers = [make_schedule(opt, cfg) for opt in optimizers]
     downstream_data = downstream_items(cfg, accelerator, data.tokenizer, model.config)
-    start_output_dir(cfg, accelerator)
     model, optimizers, schedulers, train_dl, eval_dls = prepare(
         accelerator, cfg, model, optimizers, schedulers, train_dl, eval_dls, streaming
     )
     if world > 1:
         HELD_UNTIL_EXIT.append(model)  # see cli(): never freed while the process lives
-    init_trackers(accelerator, cfg)
     state = resume(accelerator, checkpoint, train_dl, schedulers)
     if checkpoint is not None:
         check_resumed_alike(accelerator, model, state, data)
+    start_output_dir(cfg, accelerator)  # every check has passed: output_dir is written from here on
+    init_trackers(accelerator, cfg)
     accum = cfg.gradient_accumulation_steps
     state.update(layout(cfg, accelerator, train_dl, data))
     batches = micro_batches(train_dl, state, accum, accelerator)
@@ -418,11 +422,15 @@ def cli(argv: list[str] | None = None) -> None:
     code: int | str | None = 0
     try:
         main(argv)
-    except ConfigError as err:
+    except (ConfigError, HubPushError) as err:
+        end_trackers()  # raised after the trackers started (a failed final push): they are ended all the same
         print(f"error: {err}", file=sys.stderr)
-        code = 2
-    except SystemExit as stop:  # stop_run's exit codes
+        code = 2 if isinstance(err, ConfigError) else 1
+    except SystemExit as stop:  # stop_run's exit codes (it ends the trackers itself)
         code = stop.code
+    except BaseException:
+        end_trackers()  # a run that crashes still ends its tracker runs (and flushes their files)
+        raise
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0 if code is None else code if isinstance(code, int) else 1)  # sys.exit("text"): 1

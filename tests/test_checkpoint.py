@@ -17,6 +17,7 @@ from recipe.checkpoint import (
     find_checkpoint,
     list_checkpoints,
     plain_model,
+    read_state,
     resume_accumulation,
     rotate_checkpoints,
     save_model_folder,
@@ -47,6 +48,100 @@ def test_rotation_keeps_the_newest_and_spares_the_one_uploading(tmp_path):
     assert [p.name for p in deleted] == ["checkpoint-20"]
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-10", "checkpoint-30", "checkpoint-40"]
     assert rotate_checkpoints(tmp_path, None) == []  # None keeps everything
+
+
+class Crash(BaseException):
+    """What a kill -9 does to the code after it: nothing more runs."""
+
+
+def crash_in(monkeypatch, module, name: str, after=lambda path: None, call: int = 1) -> None:
+    """`module.name` dies on its `call`-th call, after `after(path)` (what it got done before the kill)."""
+    real, calls = getattr(module, name), []
+
+    def die(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) < call:
+            return real(path, *args, **kwargs)
+        after(Path(path))
+        monkeypatch.undo()
+        raise Crash(name)
+
+    monkeypatch.setattr(module, name, die)
+
+
+def half_delete(path: Path) -> None:
+    (path / "model.safetensors").unlink()
+
+
+def test_resaving_a_step_keeps_a_complete_checkpoint_through_any_crash(tmp_path, tiny_gpt, monkeypatch):
+    """A resumed run saving a step again replaces the old folder (os.replace cannot overwrite a non-empty one):
+    killed inside the old folder's deletion, before the renames or between them, one complete checkpoint-5
+    (the new one) is left once the next start has tidied up."""
+    import shutil
+
+    from recipe.checkpoint import save_checkpoint, tidy_output_dir
+    from recipe.run_setup import make_accelerator
+
+    accelerator = make_accelerator(RunConfig(output_dir=str(tmp_path), report_to="none"))
+    model = accelerator.prepare(tiny_gpt())
+    state = {"global_step": 5}
+    save_checkpoint(accelerator, model, tmp_path, state, None, None)
+    for module, name, call in ((shutil, "rmtree", 1), (os, "replace", 1), (os, "replace", 2)):
+        crash_in(monkeypatch, module, name, half_delete if name == "rmtree" else lambda path: None, call)
+        with pytest.raises(Crash):
+            save_checkpoint(accelerator, model, tmp_path, {**state, "again": name}, None, None)
+        # Nothing listed is incomplete, even before the next start tidies up.
+        assert all((p / "model.safetensors").is_file() for p in list_checkpoints(tmp_path))
+        tidy_output_dir(tmp_path)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-5"]
+        assert (tmp_path / "checkpoint-5" / "model.safetensors").is_file()
+        assert read_state(tmp_path / "checkpoint-5")["again"] == name  # the new one
+
+
+def test_the_next_start_finishes_what_a_crash_left_in_one_line(tmp_path):
+    """A complete tmp-checkpoint (killed between its two renames) is promoted, not deleted; half-written and
+    half-deleted folders are removed; and a run without resume_from_checkpoint is refused over the promotable
+    one as over any checkpoint."""
+    import shutil
+
+    from recipe.checkpoint import tidy_output_dir
+    from recipe.run_setup import check_output_dir
+
+    make_checkpoints(tmp_path, [2])
+    (tmp_path / "tmp-checkpoint-6").mkdir()
+    (tmp_path / "tmp-checkpoint-6" / STATE_FILE).write_text(json.dumps({"global_step": 6}))
+    (tmp_path / "tmp-checkpoint-8").mkdir()  # no state file: half-written
+    (tmp_path / "deleting-checkpoint-4").mkdir()
+    (tmp_path / "deleting-checkpoint-4" / STATE_FILE).write_text("{}")
+    (tmp_path / "deleting-notes").mkdir()  # not ours: left alone
+    pending = tmp_path.parent / f"{tmp_path.name}-pending"  # only the tmp-checkpoint that is complete
+    shutil.copytree(tmp_path / "tmp-checkpoint-6", pending / "tmp-checkpoint-6")
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        check_output_dir(RunConfig(output_dir=str(pending)))
+    line = tidy_output_dir(tmp_path)
+    assert line.count("\n") == 0
+    for said in ("completed tmp-checkpoint-6 as checkpoint-6", "half-written tmp-checkpoint-8", "half-deleted checkpoint-4"):  # fmt: skip
+        assert said in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-6", "deleting-notes"]
+    assert tidy_output_dir(tmp_path) is None  # nothing left to say
+
+
+def test_overwrite_output_dir_deletes_so_that_a_crash_leaves_none_that_looks_whole(tmp_path, monkeypatch):
+    import shutil
+    from types import SimpleNamespace
+
+    from recipe.run_setup import start_output_dir
+
+    make_checkpoints(tmp_path, [2, 4])
+    for step in (2, 4):
+        (tmp_path / f"checkpoint-{step}" / "model.safetensors").write_text("weights")
+    crash_in(monkeypatch, shutil, "rmtree", half_delete)
+    cfg = RunConfig(output_dir=str(tmp_path), overwrite_output_dir=True)
+    accelerator = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None, process_index=0)
+    with pytest.raises(Crash):
+        start_output_dir(cfg, accelerator)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-4"]
+    assert (tmp_path / "checkpoint-4" / "model.safetensors").is_file()
 
 
 def test_find_checkpoint_latest_path_hub_and_errors(tmp_path):
@@ -382,7 +477,7 @@ def test_a_hub_dataset_is_read_at_one_commit_recorded_and_compared(monkeypatch, 
     from recipe.config import RunConfig
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(train, "make_api", lambda token=None: SimpleNamespace(dataset_info=lambda name: SimpleNamespace(sha="abc123")))  # fmt: skip
+    monkeypatch.setattr(train, "make_api", lambda token=None: SimpleNamespace(dataset_info=lambda name, revision=None: SimpleNamespace(sha="abc123")))  # fmt: skip
     cfg = RunConfig(dataset_name="someone/corpus", cache_dir=str(tmp_path))
     train.pin_dataset_revision(cfg, SimpleNamespace(is_main_process=True, num_processes=1, print=print))
     assert cfg.dataset_revision == "abc123"
@@ -396,7 +491,7 @@ def test_a_hub_dataset_is_read_at_one_commit_recorded_and_compared(monkeypatch, 
     with pytest.raises(ConfigError):
         documents_module._hub_documents(cfg)
     assert asked["revision"] == "abc123"
-    data = SimpleNamespace(tokenizer=None, fingerprint="f")
+    data = SimpleNamespace(tokenizer=None, fingerprint="f", files=None)
     monkeypatch.setattr("recipe.tokenizer.tokenizer_fingerprint", lambda tok: "t")
     saved = run_identity(cfg, data)
     cfg.dataset_revision = "def456"
@@ -421,9 +516,62 @@ def test_a_checkpoint_from_before_a_new_setting_is_named_not_a_traceback(tmp_pat
         check_model_matches(
             tmp_path, SimpleNamespace(to_dict=lambda: {"vocab_size": 1024, "hidden_size": 32})
         )
-    data = SimpleNamespace(tokenizer=tiny_tokenizer, fingerprint="data")
+    data = SimpleNamespace(tokenizer=tiny_tokenizer, fingerprint="data", files=None)
     old = run_identity(RunConfig(optim="muon"), data)
     del old["optimizer"]["muon_split_fused"]  # what a checkpoint written before the key holds
     assert check_same_run(tmp_path, old, RunConfig(optim="muon", muon_split_fused=False), data) == []
     with pytest.raises(ConfigError, match="muon_split_fused False -> True"):
         check_same_run(tmp_path, old, RunConfig(optim="muon", muon_split_fused=True), data)
+
+
+def test_a_resume_compares_the_seed_and_only_the_settings_of_the_runs_optimizer(tmp_path, tiny_tokenizer):
+    """Another seed reshuffles map-style data (accelerate's seedable sampler): refused in one line naming it.
+    An AdamW run ignores the muon_* settings, so they are not compared; a Muon run compares them."""
+    from types import SimpleNamespace
+
+    from recipe.checkpoint import check_same_run, run_identity
+
+    data = SimpleNamespace(tokenizer=tiny_tokenizer, fingerprint="data", files=None)
+    saved = run_identity(RunConfig(seed=42), data)
+    with pytest.raises(ConfigError, match="the seed .*--seed 42"):
+        check_same_run(tmp_path, saved, RunConfig(seed=7), data)
+    assert check_same_run(tmp_path, {k: v for k, v in saved.items() if k != "seed"}, RunConfig(seed=7), data) == []  # fmt: skip
+    muon_only = {"muon_momentum": 0.9, "muon_split_fused": False, "muon_learning_rate": 1e-3}
+    adamw = run_identity(RunConfig(optim="adamw"), data)
+    assert check_same_run(tmp_path, adamw, RunConfig(optim="adamw", **muon_only), data) == []
+    with pytest.raises(ConfigError, match="muon_momentum .* -> 0.9"):
+        check_same_run(tmp_path, run_identity(RunConfig(optim="muon"), data), RunConfig(optim="muon", **muon_only), data)  # fmt: skip
+
+
+def test_a_dataset_branch_is_recorded_as_its_commit_and_a_moved_branch_is_said(monkeypatch, tmp_path):
+    """dataset_revision main is pinned to the commit it resolves to (what run_config.yaml and the checkpoint
+    record); a resume after main moved resolves another commit and is refused, naming the recorded one."""
+    from types import SimpleNamespace
+
+    import huggingface_hub
+
+    from recipe import resume
+    from recipe.checkpoint import check_same_run, run_identity
+
+    heads, a, b = {}, "a" * 40, "b" * 40
+    hub = SimpleNamespace(dataset_info=lambda name, revision=None: SimpleNamespace(sha=heads[revision]))
+    heads["main"] = a
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(resume, "make_api", lambda token=None: hub)
+    accelerator, said = SimpleNamespace(is_main_process=True, num_processes=1, print=print), []
+    cfg = RunConfig(dataset_name="someone/corpus", dataset_revision="main", cache_dir=str(tmp_path))
+    resume.pin_dataset_revision(cfg, accelerator)
+    assert cfg.dataset_revision == a
+    data = SimpleNamespace(tokenizer=None, fingerprint="f", files=None)
+    monkeypatch.setattr("recipe.tokenizer.tokenizer_fingerprint", lambda tok: "t")
+    saved = run_identity(cfg, data)
+    (tmp_path / "trainer_state.json").write_text(json.dumps(saved))
+
+    heads["main"] = b  # a push to the dataset
+    again = RunConfig(dataset_name="someone/corpus", dataset_revision="main", cache_dir=str(tmp_path))
+    accelerator.print = said.append
+    resume.pin_dataset_revision(again, accelerator, tmp_path)
+    assert again.dataset_revision == b
+    assert said == [f"dataset_revision: main is commit {b} (recorded as that)"]
+    with pytest.raises(ConfigError, match=f"the dataset's commit \\(resume with --dataset_revision {a}\\)"):
+        check_same_run(tmp_path, saved, again, data)

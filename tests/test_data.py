@@ -570,3 +570,52 @@ def test_tokenizer_workers_follow_the_split_not_the_table_under_it(monkeypatch):
     assert documents_module.num_proc(cfg, table) == 8
     assert documents_module.num_proc(cfg, table.select(range(40))) == 4  # ~40 KB of text: 4 workers
     assert documents_module.num_proc(cfg, table.select(range(10))) is None  # ~10 KB: one process
+
+
+def test_local_files_are_identified_by_content_at_any_path_and_a_same_size_rewrite_is_caught(tmp_path):
+    """The same files at another mount (new paths and times) are the same data, map-style or streamed; a
+    document rewritten in place to the same size is other data, though the sampled documents, counts and
+    bytes that the data fingerprint compares are unchanged."""
+    import dataclasses
+    import shutil
+    from types import SimpleNamespace
+
+    from recipe.checkpoint import check_same_run, run_identity
+    from recipe.stream import stream_identity
+
+    # One tokenizer, given: trained on the files, it would differ too after the rewrite.
+    train_bpe(documents(7), 300).save_pretrained(tmp_path / "tokenizer")
+    cfg = local_config(tmp_path / "a", documents(7), documents(2, seed=1), tokenizer_name=str(tmp_path / "tokenizer"))  # fmt: skip
+    shutil.copytree(tmp_path / "a", tmp_path / "b", ignore=shutil.ignore_patterns("cache"))
+    moved = dataclasses.replace(cfg, train_files=[str(tmp_path / "b" / "train" / "*.txt")],
+                                validation_files=[str(tmp_path / "b" / "val" / "*.txt")])  # fmt: skip
+    saved = run_identity(cfg, prepare_data(cfg))
+    assert check_same_run(tmp_path, saved, moved, prepare_data(moved)) == []
+    shards = SimpleNamespace(num_shards=7)
+    assert stream_identity(cfg, shards) == stream_identity(moved, shards)
+
+    rewritten = tmp_path / "b" / "train" / "doc_01.txt"  # the documents sampled are the 1st, 3rd, 5th and 7th
+    text = rewritten.read_text(encoding="utf-8")
+    rewritten.write_text(text[::-1], encoding="utf-8")  # the same characters: the same size
+    assert rewritten.stat().st_size == len(text.encode())
+    data = prepare_data(moved)
+    assert data.fingerprint == saved["data_content_fingerprint"]  # what the sampled documents say
+    with pytest.raises(ConfigError, match="resume_from_checkpoint: the data files' content .* differ"):
+        check_same_run(tmp_path, saved, moved, data)
+    assert stream_identity(cfg, shards) != stream_identity(moved, shards)
+
+
+def test_a_large_files_identity_reads_fixed_windows_not_the_whole_file(tmp_path):
+    from recipe.documents import FILE_SLICES, SLICE_BYTES, files_identity
+
+    size = 16 * SLICE_BYTES
+    big, copy = tmp_path / "big.bin", tmp_path / "elsewhere" / "big.bin"
+    big.write_bytes(bytes(size))
+    copy.parent.mkdir()
+    copy.write_bytes(bytes(size))
+    assert files_identity([big]) == files_identity([copy])
+    for window in range(FILE_SLICES):  # a byte changed in any window is seen
+        data = bytearray(size)
+        data[(size - SLICE_BYTES) * window // (FILE_SLICES - 1) + 7] = 1
+        copy.write_bytes(bytes(data))
+        assert files_identity([copy]) != files_identity([big]), window

@@ -130,8 +130,9 @@ def test_a_stalled_upload_does_not_keep_the_process_alive_after_the_timeout(stan
 
 
 def run_train(out: Path, standin: Path, *args: str, wait: bool = True):
+    # ROOT on the path: this checkout's recipe, not the one the venv's editable install points at
     env = {**ENV, "RECIPE_HUB_API": "hub_standin:RecordingHfApi", "RECIPE_HUB_STANDIN": str(standin),
-           "PYTHONPATH": str(TESTS)}  # fmt: skip
+           "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT)])}  # fmt: skip
     cmd = [sys.executable, str(ROOT / "recipe" / "train.py"), "--config", TINY, "--output_dir", str(out), *QUIET,
            "--push_to_hub", "true", *args]  # fmt: skip
     if not wait:
@@ -172,6 +173,35 @@ def test_training_goes_on_while_an_upload_hangs_then_fails_and_a_later_save_resu
     resumed_at = json.loads((remote / "last-checkpoint" / "trainer_state.json").read_text())["global_step"]
     assert f"at step {resumed_at}" in again.stdout + again.stderr
     assert json.loads((tmp_path / "elsewhere" / "all_results.json").read_text())["global_step"] == 12
+
+
+# train.py with the TensorBoard tracker saying when it is ended (its files closed).
+SAYS_WHEN_TRACKERS_END = """
+import sys
+from accelerate.tracking import TensorBoardTracker
+finish = TensorBoardTracker.finish
+def says(self):
+    print("tracker ended", flush=True)
+    finish(self)
+TensorBoardTracker.finish = says
+from recipe.train import cli
+cli(sys.argv[1:])
+"""
+
+
+def test_a_failed_final_push_exits_non_zero_naming_repo_and_folder_and_ends_trackers(standin, tmp_path):
+    out = tmp_path / "unpushed"
+    (standin / "fail").touch()  # hub_strategy end: the final push is the only upload, and it fails
+    env = {**ENV, "RECIPE_HUB_API": "hub_standin:RecordingHfApi", "RECIPE_HUB_STANDIN": str(standin),
+           "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT)])}  # fmt: skip
+    args = ["--config", TINY, "--output_dir", str(out), *QUIET, "--report_to", "tensorboard", "--push_to_hub", "true",
+            "--hub_model_id", "tester/unpushed", "--hub_strategy", "end", "--max_steps", "2", "--eval_steps", "100"]  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", SAYS_WHEN_TRACKERS_END, *args], env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "tester/unpushed" in line and str(out.resolve()) in line and "Traceback" not in proc.stderr, line
+    assert (out / "model.safetensors").is_file() and "tracker ended" in proc.stdout
 
 
 def test_sigterm_waits_for_the_pending_upload(standin, tmp_path):

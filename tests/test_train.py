@@ -427,6 +427,8 @@ def test_non_finite_loss_stops_the_run_and_names_the_step(tmp_path):
         (["--train_files", "/nonexistent/*.txt"], "train_files"),
         (["--save_total_limit", "-1"], "save_total_limit must be a positive integer"),
         (["--hub_strategy", "sometimes"], "hub_strategy must be one of"),
+        # found once the loaders are prepared: still before run_config.yaml is written
+        (["--per_device_train_batch_size", "100000"], "is more than the"),
     ],
 )
 def test_bad_config_is_a_clear_error_not_a_traceback(tmp_path, args, message):
@@ -521,6 +523,34 @@ def test_a_non_finite_gradient_norm_is_a_bad_step_like_a_non_finite_loss():
     meter.step_done(3, 64, torch.tensor(float("nan")))
     meter.step_done(4, 64, torch.tensor(float("inf")))
     assert int(meter.first_bad_step) == 3 and math.isfinite(float(meter.loss_sum))
+
+
+def test_loss_png_plots_full_log_windows_only(tmp_path, monkeypatch):
+    """A run whose max_steps is not a multiple of logging_steps ends on a short window (the default run: one
+    step at 351): its mean is noisier than the curve's, so the plot leaves it out; the table keeps it."""
+    from types import SimpleNamespace
+
+    import matplotlib.axes
+
+    from recipe.metrics import Meter
+    from recipe.plots import plot_loss
+
+    meter, rows = Meter(SimpleNamespace(device=torch.device("cpu"), num_processes=1), 1.0, None), []
+    for step in range(1, 8):  # logging_steps 3, max_steps 7: windows of 3, 3 and 1 step
+        meter.loss_sum += 10.0 - step
+        meter.step_done(step, 64, torch.tensor(1.0))
+        if step % 3 == 0 or step == 7:
+            rows.append(meter.row(step, {"epoch": 0, "tokens_seen": 64 * step}, 1e-3, 1.0))
+    assert [r["window_steps"] for r in rows] == [3, 3, 1]
+    drawn, plot = {}, matplotlib.axes.Axes.plot
+
+    def recording(ax, *args, **kwargs):
+        drawn[kwargs.get("label")] = args
+        return plot(ax, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", recording)
+    plot_loss(rows, tmp_path / "loss.png")
+    assert list(drawn["train"][0]) == [3, 6] and (tmp_path / "loss.png").is_file()
 
 
 def test_the_prepared_loader_copies_to_the_device_without_blocking(tmp_path):
@@ -660,3 +690,74 @@ def test_the_training_loss_of_a_stock_model_and_of_ours_loaded_from_its_own_code
         assert flops_per_token(model.config, 12) > 6 * 2 * 32 * 32
     gated, plain = flops_per_token(stock[1].config, 12), flops_per_token(GPT2Config(n_embd=32, n_layer=2, n_inner=64, vocab_size=97, bos_token_id=0, eos_token_id=0), 12)  # fmt: skip
     assert gated - plain == 6 * 2 * 32 * 64  # the SwiGLU's third matrix
+
+
+# train.py with shutil.rmtree made to die (kill -9) halfway through deleting a checkpoint folder in output_dir:
+# the folder's weights and card are gone, its trainer_state.json is still there.
+CRASH_IN_RMTREE = """
+import os, shutil, signal, sys
+from pathlib import Path
+out, real = Path(sys.argv[1]), shutil.rmtree
+def rmtree(path, *args, **kwargs):
+    path = Path(path)
+    if path.parent == out and (path / "model.safetensors").is_file():
+        for name in ("model.safetensors", "README.md", "modeling_gpt.py"):
+            (path / name).unlink()
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(path, *args, **kwargs)
+shutil.rmtree = rmtree
+from recipe.train import cli
+cli(sys.argv[2:])
+"""
+
+
+def test_a_kill_while_deleting_a_checkpoint_leaves_only_complete_ones_and_the_run_resumes(tmp_path):
+    from recipe.checkpoint import STATE_FILE, list_checkpoints
+
+    out = tmp_path / "run"
+    steps = ["--save_steps", "2", "--save_total_limit", "1", "--eval_steps", "100", "--logging_steps", "2"]
+    args = ["--config", TINY, "--output_dir", str(out), *QUIET, "--max_steps", "6", *steps]
+    proc = subprocess.run([sys.executable, "-c", CRASH_IN_RMTREE, str(out), *args], env=ENV, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]  # killed rotating checkpoint-2 at step 4
+    whole = ("model.safetensors", "README.md", "modeling_gpt.py", STATE_FILE)
+    found = list_checkpoints(out)
+    assert [p.name for p in found] == ["checkpoint-4"]
+    assert all((p / name).is_file() for p in out.glob("checkpoint-*") for name in whole)
+
+    resumed = launch(out, "--max_steps", "6", *steps, "--resume_from_checkpoint", "latest")
+    said = resumed.stdout + resumed.stderr
+    assert "removed the half-deleted checkpoint-2" in said
+    assert "Resumed from" in said and "at step 4" in said
+    assert json.loads((out / "all_results.json").read_text())["global_step"] == 6
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-6"]
+
+
+def test_an_older_muon_checkpoint_is_refused_in_one_line_before_output_dir_changes(tmp_path):
+    """A Muon checkpoint of an earlier recipe: one Muon param group (today's has one per row-block count,
+    muon_split_fused) and no optimizer settings in trainer_state.json to compare. torch's load_state_dict
+    raised a ValueError after run_config.yaml was rewritten; now one line, output_dir untouched."""
+    from recipe.checkpoint import STATE_FILE
+
+    out = tmp_path / "run"
+    args = ["--optim", "muon", "--max_steps", "2", "--save_steps", "2", "--eval_steps", "100"]
+    train = [sys.executable, str(ROOT / "recipe" / "train.py"), "--config", TINY, "--output_dir", str(out), *QUIET, *args]  # fmt: skip
+    subprocess.run(train, env=ENV, check=True, capture_output=True, timeout=600)
+    checkpoint = out / "checkpoint-2"
+    saved = torch.load(checkpoint / "training_state" / "optimizer_1.bin", weights_only=True)
+    groups = saved["param_groups"]
+    assert len(groups) > 1  # today's layout
+    old = {k: v for k, v in groups[0].items() if k != "split"}
+    saved["param_groups"] = [{**old, "params": [i for g in groups for i in g["params"]]}]
+    torch.save(saved, checkpoint / "training_state" / "optimizer_1.bin")
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    del state["optimizer"]
+    (checkpoint / STATE_FILE).write_text(json.dumps(state))
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+    proc = subprocess.run([*train, "--resume_from_checkpoint", "latest"], env=ENV, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "optimizer state holds parameter groups" in line and "--muon_split_fused false" in line, line
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
