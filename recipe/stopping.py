@@ -77,3 +77,17 @@ def resume_hint(argv: list[str] | None, num_processes: int) -> str:
     if "--resume_from_checkpoint auto" in command or "--resume_from_checkpoint=auto" in command:
         return f"{launcher}{command}"  # the same command resumes
     return f"{launcher}{command} --resume_from_checkpoint latest"
+
+
+def bad_loss_message(step: int, output_dir) -> str:
+    return (f"\nThe loss or the gradient norm became NaN or infinite at step {step}; stopping, nothing saved "
+            f"since. The last good checkpoint stays in {output_dir}. Try a lower learning_rate or max_grad_norm.")  # fmt: skip
+
+
+def stop_for_signal(accelerator: Accelerator, hub: HubPusher | None, stop: StopSignal, step: int, path, hint: str,
+                    cfg) -> None:  # fmt: skip
+    """A signal's stop, once its checkpoint is saved: the exit code 128 + the signal, the resume command, and
+    what is left of the grace period (`cfg.hub_stop_timeout`) for the upload."""
+    stop_run(accelerator, hub, 128 + (stop.received or signal.SIGTERM),
+             f"\nStopped by signal at step {step}; saved {path}.\nResume with: {hint}",
+             cfg.hub_stop_timeout - (time.monotonic() - (stop.at or time.monotonic())))  # fmt: skip

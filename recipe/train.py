@@ -17,7 +17,6 @@ import inspect
 import itertools
 import json
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -72,7 +71,15 @@ from recipe.run_setup import (
     start_output_dir,
 )
 from recipe.scoring import evaluate
-from recipe.stopping import AGREE_EVERY, StopSignal, agree, resume_hint, stop_run
+from recipe.stopping import (
+    AGREE_EVERY,
+    StopSignal,
+    agree,
+    bad_loss_message,
+    resume_hint,
+    stop_for_signal,
+    stop_run,
+)
 
 if TYPE_CHECKING:  # recipe.data (and `datasets`) is imported in main(): `make gpu-check` runs without them
     from recipe.data import PreparedData
@@ -276,6 +283,22 @@ def finish(accelerator, model, cfg: RunConfig, data: PreparedData, log: JsonlLog
 # ----------------------------------------------------------------------------- main
 
 
+def start_loop(accelerator: Accelerator, cfg: RunConfig, model, train_dl, data: PreparedData, state: dict,
+               n_params: int) -> tuple[Any, JsonlLog, Meter]:  # fmt: skip
+    """The loop's micro-batches (from the resumed position), its metrics.jsonl and meter; says what runs."""
+    world = accelerator.num_processes
+    state.update(layout(cfg, accelerator, train_dl, data))
+    batches = micro_batches(train_dl, state, cfg.gradient_accumulation_steps, accelerator)
+    log = JsonlLog(Path(cfg.output_dir) / "metrics.jsonl", enabled=accelerator.is_main_process,
+                   keep_until_step=state["global_step"])  # fmt: skip
+    meter = Meter(accelerator, flops_per_token(plain_model(model).config, cfg.block_size),
+                  run_peak_flops(accelerator.device, cfg.mixed_precision, world))  # fmt: skip
+    accelerator.print(describe_run(cfg, n_params, len(data.tokenizer), plain_model(model).config.vocab_size, world))  # fmt: skip
+    if accelerator.device.type == "cuda":
+        accelerator.print(describe_peak(accelerator.device, cfg.mixed_precision))
+    return batches, log, meter
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     # --- set-up: every check comes before anything is written
     cfg = load_config(sys.argv[1:] if argv is None else argv)
@@ -317,14 +340,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     start_output_dir(cfg, accelerator)  # every check has passed: output_dir is written from here on
     init_trackers(accelerator, cfg)
     accum = cfg.gradient_accumulation_steps
-    state.update(layout(cfg, accelerator, train_dl, data))
-    batches = micro_batches(train_dl, state, accum, accelerator)
-    log = JsonlLog(output_dir / "metrics.jsonl", enabled=main_proc, keep_until_step=state["global_step"])
-    meter = Meter(accelerator, flops_per_token(plain_model(model).config, cfg.block_size),
-                  run_peak_flops(accelerator.device, cfg.mixed_precision, world))  # fmt: skip
-    accelerator.print(describe_run(cfg, n_params, len(data.tokenizer), plain_model(model).config.vocab_size, world))  # fmt: skip
-    if accelerator.device.type == "cuda":
-        accelerator.print(describe_peak(accelerator.device, cfg.mixed_precision))
+    batches, log, meter = start_loop(accelerator, cfg, model, train_dl, data, state, n_params)
 
     # --- the loop
     model.train()
@@ -365,9 +381,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if is_log or is_eval or is_save or step % AGREE_EVERY == 0 or (world == 1 and stop.received):
             stopping, bad = agree(stop, meter.first_bad_step, accelerator)
         if bad:
-            stop_run(accelerator, hub, 1, f"\nThe loss or the gradient norm became NaN or infinite at step {bad}; "
-                     f"stopping, nothing saved since. The last good checkpoint stays in {output_dir}. Try a lower "
-                     "learning_rate or max_grad_norm.")  # fmt: skip
+            stop_run(accelerator, hub, 1, bad_loss_message(bad, output_dir))
         if is_log:
             row = meter.row(step, state, schedulers[0].get_last_lr()[0], grad_norm)
             log_row(accelerator, log, row, progress, "train")
@@ -395,9 +409,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 path = save(accelerator, model, cfg, state, data, log, results, hub, stream_loader, stopping)
         if stopping:
             progress.close()
-            stop_run(accelerator, hub, 128 + (stop.received or signal.SIGTERM),
-                     f"\nStopped by signal at step {step}; saved {path}.\nResume with: {resume_hint(argv, world)}",
-                     cfg.hub_stop_timeout - (time.monotonic() - (stop.at or time.monotonic())))  # fmt: skip
+            stop_for_signal(accelerator, hub, stop, step, path, resume_hint(argv, world), cfg)
     progress.close()
 
     # --- finish

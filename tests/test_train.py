@@ -761,3 +761,12 @@ def test_an_older_muon_checkpoint_is_refused_in_one_line_before_output_dir_chang
     line = proc.stderr.strip().splitlines()[-1]
     assert "optimizer state holds parameter groups" in line and "--muon_split_fused false" in line, line
     assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+
+
+def test_main_reads_as_a_table_of_contents():
+    """train.main() stays short enough to read as the run's table of contents (issue 27: at most 120 lines)."""
+    import inspect
+
+    from recipe import train
+
+    assert len(inspect.getsource(train.main).splitlines()) <= 120
