@@ -301,7 +301,10 @@ def save_checkpoint(
     if accelerator.is_main_process:
         if write_card is not None:
             write_card(tmp, config)
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))  # last: marks the folder complete
+        # Last, and whole or not at all (a kill -9 mid-write must not leave a truncated file that marks the
+        # folder complete for tidy_output_dir): written aside, then renamed into place.
+        (tmp / f"{STATE_FILE}.partial").write_text(json.dumps(state, indent=2))
+        os.replace(tmp / f"{STATE_FILE}.partial", tmp / STATE_FILE)
         promote(tmp, final)  # a step saved again (a resumed run) replaces its old folder, never loses both
         rotate_checkpoints(output_dir, save_total_limit, uploading)
     accelerator.wait_for_everyone()

@@ -88,11 +88,17 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                     # d loss / d logits = (softmax - onehot(target)) / count, zero for ignored targets.
                     grad = logits.sub_(lse.unsqueeze(1)).exp_()
                     grad.scatter_add_(1, safe, torch.full_like(safe, -1, dtype=grad.dtype))
-                    grad = (grad * torch.where(keep, 1.0 / count, 0.0).unsqueeze(1)).to(dtype)  # (c, V)
+                    # Divided by count only after the matmuls, in fp32: (softmax - onehot) / count is ~1e-9 for
+                    # most ids of a large window, below fp16's smallest value (and the loss scale comes later).
+                    grad = torch.where(keep.unsqueeze(1), grad, 0.0).to(dtype)  # (c, V)
                     if need_hidden:
-                        grad_hidden.append((grad @ w).to(hidden.dtype))
-                    if need_weight:
-                        grad_weight += (grad.T @ h).float()
+                        grad_hidden.append(((grad @ w).float() / count).to(hidden.dtype))
+                    if need_weight:  # fp16 sums over the chunk's tokens could overflow: fp32 there
+                        grad_weight += (
+                            grad.T.float() @ h.float() if dtype == torch.float16 else (grad.T @ h).float()
+                        )
+        if need_weight:
+            grad_weight /= count
         ctx.weight_dtype = weight.dtype
         ctx.save_for_backward(torch.cat(grad_hidden) if need_hidden else None, grad_weight)
         return total / count

@@ -658,6 +658,27 @@ def test_chunked_loss_under_bf16_autocast_and_accumulation(make, monkeypatch):
         assert relative(grad, expected[name]) < 3e-2, name
 
 
+def test_chunked_loss_under_fp16_keeps_a_large_windows_gradients(make, monkeypatch):
+    """fp16 autocast with the count of a large window (1e5 targets): (softmax - onehot) / count is below fp16's
+    smallest value, so the division comes after the matmuls, in fp32; with the loss scaled as GradScaler
+    scales it, the gradients stay within fp16's tolerance of the fp32 plain path instead of underflowing."""
+    import recipe.modeling_gpt as modeling
+
+    monkeypatch.setattr(modeling, "HEAD_CHUNK_LOGITS", 5 * 97)
+    model = make().train()
+    x, y = head_batch()
+    n = torch.tensor(100_000)
+    model(input_ids=x, shift_labels=y, num_items_in_batch=n).loss.backward()
+    expected = grads(model)
+    model.zero_grad()
+    scale = 2.0**16  # as GradScaler does: the loss scaled up, so the blocks' fp16 backward does not underflow
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = model(input_ids=x, shift_labels=y, num_items_in_batch=n, skip_logits=True).loss
+    (loss * scale).backward()
+    for name, grad in grads(model).items():
+        assert relative(grad / scale, expected[name]) < 2e-2, name
+
+
 def test_compiled_chunked_loss_matches_eager(tiny_gpt, monkeypatch):
     """torch.compile with fullgraph (the chunk loop and the autograd.Function trace without a break; AOT
     autograd builds the backward from the Function's) gives eager's loss and gradients; compiled, the loop is
