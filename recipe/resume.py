@@ -40,10 +40,14 @@ def pin_dataset_revision(cfg: RunConfig, accelerator: Accelerator, checkpoint: P
     is refused in one line (check_same_run). Offline: left as given."""
     if not cfg.dataset_name or (cfg.dataset_revision and COMMIT.fullmatch(cfg.dataset_revision)):
         return
-    if checkpoint is not None and not cfg.dataset_revision:  # read by every process, a bad copy stopping all
+    if checkpoint is not None:  # read by every process, a bad copy stopping all
         saved = collectively(accelerator, lambda: read_state(checkpoint)).get("dataset_revision")
-        if saved:
+        if saved and not cfg.dataset_revision:
             cfg.dataset_revision = saved
+            return
+        if saved and saved == cfg.dataset_revision:  # an older checkpoint recorded the branch, not its commit
+            accelerator.print(f"dataset_revision: {saved} as the checkpoint recorded it (a branch, not a commit: "
+                              "the data it was read at cannot be checked)")  # fmt: skip
             return
     from accelerate.utils import broadcast_object_list
     from huggingface_hub import constants

@@ -576,3 +576,9 @@ def test_a_dataset_branch_is_recorded_as_its_commit_and_a_moved_branch_is_said(m
     assert said == [f"dataset_revision: main is commit {b} (recorded as that)"]
     with pytest.raises(ConfigError, match=f"the dataset's commit \\(resume with --dataset_revision {a}\\)"):
         check_same_run(tmp_path, saved, again, data)
+    # An older checkpoint recorded the branch itself: resuming with that branch keeps it (no loop of refusals).
+    (tmp_path / "trainer_state.json").write_text(json.dumps({**saved, "dataset_revision": "main"}))
+    older = RunConfig(dataset_name="someone/corpus", dataset_revision="main", cache_dir=str(tmp_path))
+    resume.pin_dataset_revision(older, accelerator, tmp_path)
+    assert older.dataset_revision == "main" and "cannot be checked" in said[-1]
+    check_same_run(tmp_path, {**saved, "dataset_revision": "main"}, older, data)
